@@ -47,6 +47,7 @@ pub struct DescriptorChain {
     readable_len: u32,
     writable_len: u32,
     total_len: u64,
+    seen_writable: bool,
     mem: Option<Arc<GuestMemoryView>>,
 }
 
@@ -181,6 +182,7 @@ impl DescriptorChain {
         self.readable_len = 0;
         self.writable_len = 0;
         self.total_len = 0;
+        self.seen_writable = false;
         // Only touch the reference count when the memory table actually changed.
         match &self.mem {
             Some(m) if Arc::ptr_eq(m, mem) => {}
@@ -213,11 +215,11 @@ impl DescriptorChain {
         len: u32,
         writable: bool,
     ) -> Result<()> {
-        if !writable && self.writable_len > 0 {
-            return Err(Error::ReadableAfterWritable { addr });
-        }
-        if !writable && self.readable_segments != self.iovecs.len() {
-            // A zero-length writable buffer preceded this readable one.
+        if writable {
+            self.seen_writable = true;
+        } else if self.seen_writable {
+            // §2.7.4.2: device-writable descriptors come after all device-readable ones
+            // (zero-length writable descriptors included).
             return Err(Error::ReadableAfterWritable { addr });
         }
         self.total_len += u64::from(len);

@@ -1,5 +1,6 @@
 //! Round trips through the driver side and the device side of both layouts.
 #![cfg(feature = "driver")]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::io::{Read, Write};
 use std::sync::Arc;

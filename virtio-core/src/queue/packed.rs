@@ -51,6 +51,8 @@ pub(crate) struct PackedRing {
     used_since_signal: u32,
     /// The flags we last wrote to the device event structure.
     device_event_flags: u16,
+    /// Scratch for `add_used_batch` (slot counts taken, to put back on a bad ID).
+    batch_slots: Vec<u16>,
 }
 
 impl PackedRing {
@@ -71,6 +73,7 @@ impl PackedRing {
             signalled_used: None,
             used_since_signal: 0,
             device_event_flags: RING_EVENT_FLAGS_ENABLE,
+            batch_slots: Vec::new(),
         })
     }
 
@@ -232,23 +235,28 @@ impl PackedRing {
     }
 
     pub(crate) fn add_used_batch(&mut self, used: &[(u16, u32)]) -> Result<()> {
-        // Check everything first so that a bad ID publishes nothing.
+        // Take every ID's slot count first, so that an ID not in flight (or repeated)
+        // publishes nothing: on failure the counts taken so far are put back.
+        self.batch_slots.clear();
         for (i, &(id, _)) in used.iter().enumerate() {
-            if self.slots_by_id[usize::from(id)] == 0
-                || used[..i].iter().any(|&(prev, _)| prev == id)
-            {
+            let slots = std::mem::take(&mut self.slots_by_id[usize::from(id)]);
+            if slots == 0 {
+                for (&(prev, _), &s) in used[..i].iter().zip(&self.batch_slots) {
+                    self.slots_by_id[usize::from(prev)] = s;
+                }
                 return Err(Error::NotInFlight(id));
             }
+            self.batch_slots.push(slots);
         }
-        let Some((&(first_id, first_len), rest)) = used.split_first() else {
+        let Some(&(first_id, first_len)) = used.first() else {
             return Ok(());
         };
         let first_off = usize::from(self.next_used) * 16;
         let first_flags = Self::used_flags(self.used_wrap_counter, first_len);
         self.desc_ring.write_u32(first_off + DESC_LEN, first_len);
         self.desc_ring.write_u16(first_off + DESC_ID, first_id);
-        self.advance_used(first_id);
-        for &(id, len) in rest {
+        self.advance_used(self.batch_slots[0]);
+        for (i, &(id, len)) in used.iter().enumerate().skip(1) {
             let off = usize::from(self.next_used) * 16;
             self.desc_ring.write_u32(off + DESC_LEN, len);
             self.desc_ring.write_u16(off + DESC_ID, id);
@@ -257,7 +265,7 @@ impl PackedRing {
                 off + DESC_FLAGS,
                 Self::used_flags(self.used_wrap_counter, len),
             );
-            self.advance_used(id);
+            self.advance_used(self.batch_slots[i]);
         }
         // The first descriptor's flags last: the driver walks used descriptors in order, so
         // it sees the whole batch at once. Release orders every write above before it.
@@ -267,10 +275,7 @@ impl PackedRing {
     }
 
     #[inline(always)]
-    fn advance_used(&mut self, id: u16) {
-        let entry = &mut self.slots_by_id[usize::from(id)];
-        let slots = *entry;
-        *entry = 0;
+    fn advance_used(&mut self, slots: u16) {
         self.in_flight -= 1;
         self.used_since_signal += u32::from(slots);
         // §2.8.7: the used position advances by the slots the buffer took.
@@ -330,7 +335,8 @@ impl PackedRing {
 
     fn write_device_event_flags(&mut self, flags: u16) {
         if self.device_event_flags != flags || flags == RING_EVENT_FLAGS_DESC {
-            self.device_event.write_u16(EVENT_FLAGS, flags);
+            // Release: a new off_wrap written just before must be visible with the flags.
+            self.device_event.store_u16_release(EVENT_FLAGS, flags);
             self.device_event_flags = flags;
         }
     }

@@ -34,7 +34,7 @@ pub(crate) struct SplitRing {
     next_used: Wrapping<u16>,
     /// Last avail->idx read; entries below it are known published (no re-read needed).
     shadow_avail_idx: Wrapping<u16>,
-    /// next_used when the driver was last notified (EVENT_IDX); None: notify next time.
+    /// next_used at the last notification decision; None: notify next time.
     signalled_used: Option<u16>,
     /// Whether VIRTQ_USED_F_NO_NOTIFY is currently set by us.
     no_notify: bool,
@@ -230,9 +230,13 @@ impl SplitRing {
         // the driver's fence between its used_event store and its used idx read.
         fence(Ordering::SeqCst);
         let new = self.next_used.0;
+        let old = self.signalled_used.replace(new);
+        if old == Some(new) {
+            // Nothing was used since the last decision.
+            return false;
+        }
         if self.event_idx {
             let used_event = self.avail.read_u16(AVAIL_RING + 2 * usize::from(self.size));
-            let old = self.signalled_used.replace(new);
             match old {
                 None => true,
                 Some(old) => vring_need_event(used_event, new, old),

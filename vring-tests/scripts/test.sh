@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The project's whole test suite: formatting, lints, every test (unit, property,
+# differential, end-to-end against real QEMU guests) and bounded fuzzing.
+# This is the test command README.md gives; CI (.ci/run) runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, all features, -D warnings)"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+step "cargo build --release (daemons used by end-to-end tests)"
+cargo build --release --workspace --bins
+
+step "cargo test (workspace, all features)"
+cargo test --workspace --all-features -- --test-threads="${TEST_THREADS:-2}"
+
+if [ -x vring-tests/scripts/fuzz.sh ]; then
+    step "bounded fuzzing (${FUZZ_SECONDS:-30}s per target)"
+    vring-tests/scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
+fi
+step "all tests passed"
