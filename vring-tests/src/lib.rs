@@ -1,1 +1,3 @@
+//! Test support for the vhost-user suite.
 
+pub mod e2e;
