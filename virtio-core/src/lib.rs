@@ -30,6 +30,7 @@ pub mod driver;
 pub mod error;
 pub mod memory;
 pub mod queue;
+pub mod vhost_user;
 
 pub use chain::{DescriptorChain, Reader, Segment, Writer};
 pub use desc::vring_need_event;

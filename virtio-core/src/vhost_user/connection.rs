@@ -1,0 +1,1075 @@
+//! One frontend connection: the vhost-user request state machine.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use vhost::vhost_user::message::{
+    VhostUserConfig, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
+    VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringAddr, VhostUserVringState,
+};
+use vm_memory::ByteValued;
+
+use super::backend_channel::{self, ChannelSlot};
+use super::device::{packed_slot_flags, Device, ProtocolFeatures, QueueContext, Vring};
+use super::error::{Error, Result};
+use super::inflight::{InflightArea, PackedTracker, SplitTracker, Tracker};
+use super::memory::{MappedRegion, MemoryTable, RegionDesc, MAX_MEM_SLOTS};
+use super::message::{self, always_replies, req, request_name, Message};
+use super::server::ServerConfig;
+use super::worker::{ActiveQueue, Command, WorkerHandle, WorkerSettings};
+use super::VHOST_USER_F_PROTOCOL_FEATURES;
+use crate::queue::{Queue, QueueConfig, RingLayout, MAX_QUEUE_SIZE};
+
+/// Protocol features the server implements for every device.
+pub(crate) fn base_protocol_features() -> ProtocolFeatures {
+    ProtocolFeatures::MQ
+        | ProtocolFeatures::REPLY_ACK
+        | ProtocolFeatures::BACKEND_REQ
+        | ProtocolFeatures::BACKEND_SEND_FD
+        | ProtocolFeatures::RESET_DEVICE
+        | ProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | ProtocolFeatures::STATUS
+}
+
+/// Protocol features a device may add.
+fn optional_protocol_features() -> ProtocolFeatures {
+    ProtocolFeatures::CONFIG | ProtocolFeatures::INFLIGHT_SHMFD
+}
+
+const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
+const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
+/// Virtio status: DEVICE_NEEDS_RESET.
+const STATUS_NEEDS_RESET: u8 = 0x40;
+/// SET_VRING_KICK/CALL/ERR payload: the invalid-FD flag.
+const VRING_NOFD: u64 = 0x100;
+/// VhostUserVringAddr flags: VHOST_VRING_F_LOG.
+const VRING_F_LOG: u32 = 0x1;
+/// Packed descriptor USED flag.
+const DESC_F_USED: u16 = 1 << 15;
+/// A fresh packed ring: both positions 0, both wrap counters 1.
+const PACKED_FRESH_BASE: u32 = 0x8000_8000;
+
+/// Per-queue state kept by the connection.
+#[derive(Default)]
+struct QueueSlot {
+    /// SET_VRING_NUM (0: not set).
+    size: u16,
+    /// SET_VRING_ADDR: frontend virtual addresses of (descriptor, available, used) areas.
+    addr: Option<(u64, u64, u64)>,
+    /// SET_VRING_BASE, or the base the ring stopped at.
+    base: u32,
+    kick: Option<File>,
+    call: Option<File>,
+    err: Option<File>,
+    /// SET_VRING_ENABLE.
+    enabled: bool,
+    running: bool,
+}
+
+/// What a request answers.
+enum Reply {
+    /// Nothing, or a REPLY_ACK success if the frontend asked for one.
+    Ack,
+    /// A reply body (and descriptors).
+    Body(Vec<u8>, Option<OwnedFd>),
+}
+
+fn reply_u64(v: u64) -> Reply {
+    Reply::Body(VhostUserU64::new(v).as_slice().to_vec(), None)
+}
+
+fn clone_file(f: &Option<File>, what: &'static str) -> Result<Option<File>> {
+    f.as_ref()
+        .map(|f| f.try_clone())
+        .transpose()
+        .map_err(|source| Error::Os { what, source })
+}
+
+/// Serves one frontend until it disconnects.
+pub(crate) struct Connection<'a, D: Device> {
+    device: &'a Arc<D>,
+    config: &'a ServerConfig,
+    channel: &'a ChannelSlot,
+    stream: UnixStream,
+    offered_features: u64,
+    offered_protocol: u64,
+    num_queues: u16,
+    max_queue_size: u16,
+    acked_features: u64,
+    /// SET_FEATURES was received (the ring layout is known).
+    features_set: bool,
+    acked_protocol: u64,
+    status: u8,
+    memory: Option<MemoryTable>,
+    inflight: Option<InflightArea>,
+    queues: Vec<QueueSlot>,
+    workers: Vec<Option<WorkerHandle<D::Handler>>>,
+    needs_reset: Arc<AtomicBool>,
+}
+
+impl<'a, D: Device> Connection<'a, D> {
+    pub fn new(
+        device: &'a Arc<D>,
+        config: &'a ServerConfig,
+        channel: &'a ChannelSlot,
+        stream: UnixStream,
+    ) -> Self {
+        let num_queues = device.num_queues();
+        let max_queue_size = device.max_queue_size().min(MAX_QUEUE_SIZE);
+        let protocol =
+            base_protocol_features() | (device.protocol_features() & optional_protocol_features());
+        let group = config.queues_per_thread.max(1);
+        let mut queues = Vec::with_capacity(usize::from(num_queues));
+        queues.resize_with(usize::from(num_queues), QueueSlot::default);
+        let mut workers = Vec::new();
+        workers.resize_with(usize::from(num_queues).div_ceil(group), || None);
+        Connection {
+            device,
+            config,
+            channel,
+            stream,
+            offered_features: device.features() | VHOST_USER_F_PROTOCOL_FEATURES,
+            offered_protocol: protocol.bits(),
+            num_queues,
+            max_queue_size,
+            acked_features: 0,
+            features_set: false,
+            acked_protocol: 0,
+            status: 0,
+            memory: None,
+            inflight: None,
+            queues,
+            workers,
+            needs_reset: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Serves requests until the frontend disconnects, a fatal error, or `shutdown`
+    /// becomes readable; then stops every queue and resets the device.
+    pub fn run(mut self, shutdown: RawFd) -> Result<()> {
+        let r = self.serve(shutdown);
+        self.teardown();
+        r
+    }
+
+    fn serve(&mut self, shutdown: RawFd) -> Result<()> {
+        let mut msg = Message::default();
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.stream.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: shutdown,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a live array of two pollfd for the duration of the call.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Socket(e));
+            }
+            if fds[1].revents != 0 {
+                log::info!("shutting down: closing the frontend connection");
+                return Ok(());
+            }
+            if fds[0].revents == 0 {
+                continue;
+            }
+            match message::recv_message(&self.stream, &mut msg) {
+                Ok(()) => {}
+                Err(Error::Disconnected) => {
+                    log::info!("the frontend disconnected");
+                    return Ok(());
+                }
+                Err(e) => {
+                    log::error!("closing the frontend connection: {e}");
+                    return Err(e);
+                }
+            }
+            self.handle(&mut msg)?;
+        }
+    }
+
+    /// Handles one request and answers it. An error return closes the connection.
+    fn handle(&mut self, msg: &mut Message) -> Result<()> {
+        let code = msg.header.request;
+        let name = request_name(code);
+        log::debug!(
+            "request {name} ({code}), {} payload bytes, {} fds",
+            msg.payload.len(),
+            msg.fds.len()
+        );
+        let result = self.dispatch(msg);
+        // Evaluated after dispatch: SET_PROTOCOL_FEATURES may just have negotiated it.
+        let reply_ack = msg.header.need_reply()
+            && self.acked_protocol & ProtocolFeatures::REPLY_ACK.bits() != 0;
+        match result {
+            Ok(Reply::Body(body, fd)) => {
+                let fds: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
+                message::send_reply(&self.stream, code, &body, &fds)
+            }
+            Ok(Reply::Ack) if reply_ack => {
+                message::send_reply(&self.stream, code, VhostUserU64::new(0).as_slice(), &[])
+            }
+            Ok(Reply::Ack) => Ok(()),
+            Err(e) => {
+                log::error!("{name} refused: {e}");
+                if code == req::GET_CONFIG {
+                    // The protocol's failure answer: a config header with size 0.
+                    let offset = message::decode_prefix::<VhostUserConfig>(&msg.payload, name)
+                        .map_or(0, |c| c.offset);
+                    let reply = VhostUserConfig {
+                        offset,
+                        ..Default::default()
+                    };
+                    message::send_reply(&self.stream, code, reply.as_slice(), &[])
+                } else if always_replies(code) {
+                    // The frontend waits for a body the protocol cannot mark as failed:
+                    // close rather than leave it hanging.
+                    Err(e)
+                } else if reply_ack {
+                    message::send_reply(&self.stream, code, VhostUserU64::new(1).as_slice(), &[])
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn protocol_acked(&self, f: ProtocolFeatures) -> bool {
+        self.acked_protocol & f.bits() != 0
+    }
+
+    fn require_protocol(&self, f: ProtocolFeatures, code: u32, feature: &str) -> Result<()> {
+        if self.protocol_acked(f) {
+            Ok(())
+        } else {
+            Err(Error::Unsupported {
+                code,
+                name: request_name(code),
+                why: format!(": protocol feature {feature} was not negotiated"),
+            })
+        }
+    }
+
+    fn unsupported(code: u32) -> Error {
+        Error::Unsupported {
+            code,
+            name: request_name(code),
+            why: String::new(),
+        }
+    }
+
+    fn layout(&self) -> RingLayout {
+        RingLayout::from_features(self.acked_features)
+    }
+
+    fn queue_index(&self, index: u32) -> Result<u16> {
+        match u16::try_from(index) {
+            Ok(i) if i < self.num_queues => Ok(i),
+            _ => Err(Error::InvalidQueueIndex {
+                index,
+                num_queues: self.num_queues,
+            }),
+        }
+    }
+
+    fn stopped_queue(&self, index: u32, request: &'static str) -> Result<u16> {
+        let i = self.queue_index(index)?;
+        if self.queues[usize::from(i)].running {
+            return Err(Error::RingRunning { index: i, request });
+        }
+        Ok(i)
+    }
+
+    fn dispatch(&mut self, msg: &mut Message) -> Result<Reply> {
+        let code = msg.header.request;
+        let name = request_name(code);
+        match code {
+            req::SET_MEM_TABLE
+            | req::ADD_MEM_REG
+            | req::REM_MEM_REG
+            | req::SET_VRING_KICK
+            | req::SET_VRING_CALL
+            | req::SET_VRING_ERR
+            | req::SET_BACKEND_REQ_FD
+            | req::SET_INFLIGHT_FD
+            | req::SET_LOG_BASE
+            | req::SET_LOG_FD => {}
+            _ => msg.no_fds(name)?,
+        }
+        let empty = |msg: &Message| -> Result<()> {
+            if msg.payload.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::BadPayloadSize {
+                    request: name,
+                    got: msg.payload.len(),
+                    expected: 0,
+                })
+            }
+        };
+        match code {
+            req::GET_FEATURES => {
+                empty(msg)?;
+                Ok(reply_u64(self.offered_features))
+            }
+            req::SET_FEATURES => {
+                let v = msg.body::<VhostUserU64>(name)?.value;
+                self.set_features(v)?;
+                Ok(Reply::Ack)
+            }
+            req::SET_OWNER => {
+                empty(msg)?;
+                Ok(Reply::Ack)
+            }
+            req::RESET_OWNER => {
+                empty(msg)?;
+                // Deprecated: the spec recommends disabling all rings, nothing more.
+                self.stop_all_rings();
+                Ok(Reply::Ack)
+            }
+            req::RESET_DEVICE => {
+                empty(msg)?;
+                self.require_protocol(ProtocolFeatures::RESET_DEVICE, code, "RESET_DEVICE")?;
+                self.reset_device();
+                Ok(Reply::Ack)
+            }
+            req::GET_PROTOCOL_FEATURES => {
+                empty(msg)?;
+                Ok(reply_u64(self.offered_protocol))
+            }
+            req::SET_PROTOCOL_FEATURES => {
+                let v = msg.body::<VhostUserU64>(name)?.value;
+                let unsupported = v & !self.offered_protocol;
+                if unsupported != 0 {
+                    return Err(Error::UnofferedFeatures {
+                        what: "protocol features",
+                        requested: v,
+                        unsupported,
+                    });
+                }
+                self.acked_protocol = v;
+                Ok(Reply::Ack)
+            }
+            req::GET_QUEUE_NUM => {
+                empty(msg)?;
+                Ok(reply_u64(u64::from(self.num_queues)))
+            }
+            req::GET_MAX_MEM_SLOTS => {
+                empty(msg)?;
+                Ok(reply_u64(MAX_MEM_SLOTS))
+            }
+            req::SET_MEM_TABLE => {
+                self.set_mem_table(msg)?;
+                Ok(Reply::Ack)
+            }
+            req::ADD_MEM_REG => {
+                self.require_protocol(
+                    ProtocolFeatures::CONFIGURE_MEM_SLOTS,
+                    code,
+                    "CONFIGURE_MEM_SLOTS",
+                )?;
+                let r = msg.body::<VhostUserSingleMemoryRegion>(name)?;
+                let fd = msg.single_fd(name)?;
+                let region: &VhostUserMemoryRegion = &r;
+                let mapped = MappedRegion::map(RegionDesc::from(region), &fd)?;
+                let table = match &self.memory {
+                    Some(t) => t.with_added(mapped)?,
+                    None => MemoryTable::new(vec![Arc::new(mapped)])?,
+                };
+                self.set_memory(table)?;
+                Ok(Reply::Ack)
+            }
+            req::REM_MEM_REG => {
+                self.require_protocol(
+                    ProtocolFeatures::CONFIGURE_MEM_SLOTS,
+                    code,
+                    "CONFIGURE_MEM_SLOTS",
+                )?;
+                let r = msg.body::<VhostUserSingleMemoryRegion>(name)?;
+                // "If a file descriptor is passed, the back-end MUST close it": dropped below.
+                msg.fds.clear();
+                let region: &VhostUserMemoryRegion = &r;
+                let desc = RegionDesc::from(region);
+                let Some(current) = &self.memory else {
+                    return Err(Error::BadMemoryRegion {
+                        guest_addr: desc.guest_addr,
+                        size: desc.size,
+                        user_addr: desc.user_addr,
+                        why: "there is no memory table".into(),
+                    });
+                };
+                let table = current.with_removed(&desc)?;
+                self.set_memory(table)?;
+                Ok(Reply::Ack)
+            }
+            req::SET_VRING_NUM => {
+                let s = msg.body::<VhostUserVringState>(name)?;
+                let i = self.stopped_queue(s.index, name)?;
+                let size = s.num;
+                let why = if size == 0 {
+                    Some("0")
+                } else if size > u32::from(self.max_queue_size) {
+                    Some("larger than the device's maximum queue size")
+                } else if self.features_set
+                    && self.layout() == RingLayout::Split
+                    && !size.is_power_of_two()
+                {
+                    Some("a split ring's size must be a power of 2")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(Error::InvalidQueueSize {
+                        index: i,
+                        size,
+                        why,
+                    });
+                }
+                // Checked above: 1..=max_queue_size (a u16).
+                self.queues[usize::from(i)].size = u16::try_from(size).unwrap_or(0);
+                Ok(Reply::Ack)
+            }
+            req::SET_VRING_ADDR => {
+                let a = msg.body::<VhostUserVringAddr>(name)?;
+                let i = self.stopped_queue(a.index, name)?;
+                let flags = a.flags;
+                if flags & !VRING_F_LOG != 0 {
+                    return Err(Error::RingStart {
+                        index: i,
+                        why: format!("unknown vring address flags {flags:#x}"),
+                    });
+                }
+                let areas = (a.descriptor, a.available, a.used);
+                if let Some(mem) = &self.memory {
+                    for (area, addr) in [
+                        ("descriptor", areas.0),
+                        ("available", areas.1),
+                        ("used", areas.2),
+                    ] {
+                        if mem.user_to_guest(addr).is_none() {
+                            return Err(Error::RingAddressNotMapped {
+                                index: i,
+                                area,
+                                addr,
+                            });
+                        }
+                    }
+                }
+                self.queues[usize::from(i)].addr = Some(areas);
+                Ok(Reply::Ack)
+            }
+            req::SET_VRING_BASE => {
+                let s = msg.body::<VhostUserVringState>(name)?;
+                let i = self.stopped_queue(s.index, name)?;
+                if self.features_set
+                    && self.layout() == RingLayout::Split
+                    && s.num > u32::from(u16::MAX)
+                {
+                    return Err(Error::Queue {
+                        index: i,
+                        source: crate::Error::InvalidRingBase(s.num),
+                    });
+                }
+                self.queues[usize::from(i)].base = s.num;
+                Ok(Reply::Ack)
+            }
+            req::GET_VRING_BASE => {
+                let s = msg.body::<VhostUserVringState>(name)?;
+                let i = self.queue_index(s.index)?;
+                self.stop_rings(&[i]);
+                let slot = &mut self.queues[usize::from(i)];
+                let base = slot.base;
+                log::debug!("queue {i}: GET_VRING_BASE -> {base:#x}");
+                Ok(Reply::Body(
+                    VhostUserVringState::new(u32::from(i), base)
+                        .as_slice()
+                        .to_vec(),
+                    None,
+                ))
+            }
+            req::SET_VRING_KICK | req::SET_VRING_CALL | req::SET_VRING_ERR => {
+                let v = msg.body::<VhostUserU64>(name)?.value;
+                let nofd = v & VRING_NOFD != 0;
+                let fd = if nofd {
+                    msg.no_fds(name)?;
+                    None
+                } else {
+                    Some(File::from(msg.single_fd(name)?))
+                };
+                let i = self.queue_index(u32::try_from(v & 0xff).unwrap_or(u32::MAX))?;
+                match code {
+                    req::SET_VRING_KICK => self.set_kick(i, fd)?,
+                    req::SET_VRING_CALL => {
+                        let slot = &mut self.queues[usize::from(i)];
+                        slot.call = fd;
+                        if slot.running {
+                            let fd = clone_file(&slot.call, "duplicating a call eventfd")?;
+                            self.send_to_worker(i, |slot| Command::SetCall { slot, fd })?;
+                        }
+                    }
+                    _ => {
+                        let slot = &mut self.queues[usize::from(i)];
+                        slot.err = fd;
+                        if slot.running {
+                            let fd = clone_file(&slot.err, "duplicating an error eventfd")?;
+                            self.send_to_worker(i, |slot| Command::SetErr { slot, fd })?;
+                        }
+                    }
+                }
+                Ok(Reply::Ack)
+            }
+            req::SET_VRING_ENABLE => {
+                if self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+                    return Err(Error::Unsupported {
+                        code,
+                        name,
+                        why: ": VHOST_USER_F_PROTOCOL_FEATURES was not negotiated".into(),
+                    });
+                }
+                let s = msg.body::<VhostUserVringState>(name)?;
+                let i = self.queue_index(s.index)?;
+                let enabled = match s.num {
+                    0 => false,
+                    1 => true,
+                    n => {
+                        return Err(Error::BadPayloadSize {
+                            request: name,
+                            got: n as usize,
+                            expected: 1,
+                        })
+                    }
+                };
+                let slot = &mut self.queues[usize::from(i)];
+                slot.enabled = enabled;
+                log::debug!(
+                    "queue {i}: {}",
+                    if enabled { "enabled" } else { "disabled" }
+                );
+                if slot.running {
+                    self.send_to_worker(i, |slot| Command::SetEnabled { slot, enabled })?;
+                }
+                Ok(Reply::Ack)
+            }
+            req::GET_CONFIG => {
+                self.require_protocol(ProtocolFeatures::CONFIG, code, "CONFIG")?;
+                let (hdr, data) = Self::config_payload(msg, name)?;
+                let mut buf = data.to_vec();
+                let offset = hdr.offset;
+                self.device
+                    .read_config(offset, &mut buf)
+                    .map_err(Error::Config)?;
+                let mut body = hdr.as_slice().to_vec();
+                body.extend_from_slice(&buf);
+                Ok(Reply::Body(body, None))
+            }
+            req::SET_CONFIG => {
+                self.require_protocol(ProtocolFeatures::CONFIG, code, "CONFIG")?;
+                let (hdr, data) = Self::config_payload(msg, name)?;
+                self.device
+                    .write_config(hdr.offset, data)
+                    .map_err(Error::Config)?;
+                Ok(Reply::Ack)
+            }
+            req::SET_BACKEND_REQ_FD => {
+                self.require_protocol(ProtocolFeatures::BACKEND_REQ, code, "BACKEND_REQ")?;
+                empty(msg)?;
+                let fd = msg.single_fd(name)?;
+                check_stream_socket(&fd)?;
+                backend_channel::install(
+                    self.channel,
+                    UnixStream::from(fd),
+                    self.protocol_acked(ProtocolFeatures::REPLY_ACK),
+                    self.protocol_acked(ProtocolFeatures::CONFIG),
+                );
+                log::info!("backend request channel set up");
+                Ok(Reply::Ack)
+            }
+            req::GET_INFLIGHT_FD => {
+                self.require_protocol(ProtocolFeatures::INFLIGHT_SHMFD, code, "INFLIGHT_SHMFD")?;
+                let r = msg.body::<VhostUserInflight>(name)?;
+                let (num_queues, queue_size) = (r.num_queues, r.queue_size);
+                if num_queues > self.num_queues || queue_size > MAX_QUEUE_SIZE {
+                    return Err(Error::BadInflight(format!(
+                        "{num_queues} queues of size {queue_size} requested; the device has {} queues",
+                        self.num_queues
+                    )));
+                }
+                let (area, fd, size) = InflightArea::allocate(num_queues, queue_size)?;
+                log::info!("inflight area allocated: {num_queues} queues of size {queue_size}, {size} bytes");
+                self.inflight = Some(area);
+                let reply = VhostUserInflight::new(size, 0, num_queues, queue_size);
+                Ok(Reply::Body(reply.as_slice().to_vec(), Some(fd)))
+            }
+            req::SET_INFLIGHT_FD => {
+                self.require_protocol(ProtocolFeatures::INFLIGHT_SHMFD, code, "INFLIGHT_SHMFD")?;
+                let r = msg.body::<VhostUserInflight>(name)?;
+                let fd = msg.single_fd(name)?;
+                let area = InflightArea::from_fd(
+                    &fd,
+                    r.mmap_size,
+                    r.mmap_offset,
+                    r.num_queues,
+                    r.queue_size,
+                )?;
+                if self.queues.iter().any(|q| q.running) {
+                    log::warn!(
+                        "SET_INFLIGHT_FD while rings run: it applies to rings started from now on"
+                    );
+                }
+                log::info!(
+                    "inflight area set: {} queues of size {}",
+                    area.num_queues(),
+                    area.queue_size()
+                );
+                self.inflight = Some(area);
+                Ok(Reply::Ack)
+            }
+            req::SET_STATUS => {
+                self.require_protocol(ProtocolFeatures::STATUS, code, "STATUS")?;
+                let v = msg.body::<VhostUserU64>(name)?.value;
+                let status = u8::try_from(v).map_err(|_| Error::BadPayloadSize {
+                    request: name,
+                    got: 8,
+                    expected: 1,
+                })?;
+                if status == 0 {
+                    // A virtio reset: stop the rings; the frontend configures them again.
+                    self.stop_all_rings();
+                    self.needs_reset.store(false, Ordering::Release);
+                }
+                log::debug!("device status {:#x} -> {status:#x}", self.status);
+                self.status = status;
+                Ok(Reply::Ack)
+            }
+            req::GET_STATUS => {
+                self.require_protocol(ProtocolFeatures::STATUS, code, "STATUS")?;
+                empty(msg)?;
+                let mut status = self.status;
+                if self.needs_reset.load(Ordering::Acquire) {
+                    status |= STATUS_NEEDS_RESET;
+                }
+                Ok(reply_u64(u64::from(status)))
+            }
+            _ => Err(Self::unsupported(code)),
+        }
+    }
+
+    fn config_payload<'m>(
+        msg: &'m Message,
+        name: &'static str,
+    ) -> Result<(VhostUserConfig, &'m [u8])> {
+        let hdr = message::decode_prefix::<VhostUserConfig>(&msg.payload, name)?;
+        let data = &msg.payload[std::mem::size_of::<VhostUserConfig>()..];
+        let size = hdr.size as usize;
+        if data.len() != size || size == 0 {
+            return Err(Error::BadPayloadSize {
+                request: name,
+                got: data.len(),
+                expected: size,
+            });
+        }
+        Ok((hdr, data))
+    }
+
+    fn set_features(&mut self, v: u64) -> Result<()> {
+        let unsupported = v & !self.offered_features;
+        if unsupported != 0 {
+            return Err(Error::UnofferedFeatures {
+                what: "virtio features",
+                requested: v,
+                unsupported,
+            });
+        }
+        let ring_bits = (1u64 << virtio_bindings::virtio_config::VIRTIO_F_RING_PACKED)
+            | VIRTIO_F_RING_EVENT_IDX
+            | VIRTIO_F_RING_INDIRECT_DESC;
+        if (v ^ self.acked_features) & ring_bits != 0 && self.queues.iter().any(|q| q.running) {
+            log::warn!("SET_FEATURES changes ring features while rings run: running rings keep the old ones");
+        }
+        self.device
+            .set_features(v & !VHOST_USER_F_PROTOCOL_FEATURES)
+            .map_err(Error::Device)?;
+        log::debug!("features acked: {v:#x}");
+        self.acked_features = v;
+        self.features_set = true;
+        Ok(())
+    }
+
+    fn set_mem_table(&mut self, msg: &mut Message) -> Result<()> {
+        let name = "SET_MEM_TABLE";
+        let hdr = message::decode_prefix::<VhostUserMemory>(&msg.payload, name)?;
+        let num = hdr.num_regions as usize;
+        let region_size = std::mem::size_of::<VhostUserMemoryRegion>();
+        let hdr_size = std::mem::size_of::<VhostUserMemory>();
+        let needed = hdr_size + num * region_size;
+        // user-mode Linux sends a payload sized for more regions than it declares: accept
+        // anything at least as large as the declared regions.
+        if num == 0 || num > message::MAX_FDS || msg.payload.len() < needed {
+            return Err(Error::BadPayloadSize {
+                request: name,
+                got: msg.payload.len(),
+                expected: needed.max(hdr_size + region_size),
+            });
+        }
+        if msg.fds.len() != num {
+            return Err(Error::BadFdCount {
+                request: name,
+                got: msg.fds.len(),
+                expected: num,
+            });
+        }
+        let mut regions = Vec::with_capacity(num);
+        for (i, fd) in msg.fds.iter().enumerate() {
+            let off = hdr_size + i * region_size;
+            let r = message::decode_prefix::<VhostUserMemoryRegion>(&msg.payload[off..], name)?;
+            let desc = RegionDesc::from(&r);
+            log::debug!("memory region {i}: {desc:x?}");
+            regions.push(Arc::new(MappedRegion::map(desc, fd)?));
+        }
+        msg.fds.clear();
+        let table = MemoryTable::new(regions)?;
+        self.set_memory(table)
+    }
+
+    /// Installs a new memory table: running queues switch to it before this returns;
+    /// rings that were waiting for memory start.
+    fn set_memory(&mut self, table: MemoryTable) -> Result<()> {
+        log::info!("memory table: {table:x?}");
+        let view = table.view().clone();
+        self.memory = Some(table);
+        let mut acks = Vec::new();
+        for (id, w) in self.workers.iter().enumerate() {
+            if let Some(w) = w {
+                let (tx, rx) = mpsc::channel();
+                match w.send(Command::SetMemory {
+                    memory: view.clone(),
+                    reply: tx,
+                }) {
+                    Ok(()) => acks.push((id, rx)),
+                    Err(e) => log::error!("{e}"),
+                }
+            }
+        }
+        for (id, rx) in acks {
+            if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+                log::error!("queue worker {id} did not acknowledge the memory table change");
+            }
+        }
+        for i in 0..self.num_queues {
+            let slot = &self.queues[usize::from(i)];
+            if !slot.running && slot.kick.is_some() {
+                if let Err(e) = self.try_start(i) {
+                    log::error!("{e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_kick(&mut self, i: u16, fd: Option<File>) -> Result<()> {
+        let Some(fd) = fd else {
+            return Err(Error::RingStart {
+                index: i,
+                why: "polling mode (SET_VRING_KICK without a file descriptor) is not supported"
+                    .into(),
+            });
+        };
+        if self.queues[usize::from(i)].running {
+            // A new kick fd for a running ring: stop it (keeping its state) and restart.
+            log::info!("queue {i}: new kick eventfd while running; restarting the ring");
+            self.stop_rings(&[i]);
+        }
+        self.queues[usize::from(i)].kick = Some(fd);
+        self.try_start(i)
+    }
+
+    fn worker_of(&self, i: u16) -> (usize, usize) {
+        let group = self.config.queues_per_thread.max(1);
+        (usize::from(i) / group, usize::from(i) % group)
+    }
+
+    fn send_to_worker(&self, i: u16, cmd: impl FnOnce(usize) -> Command<D::Handler>) -> Result<()> {
+        let (w, slot) = self.worker_of(i);
+        match self.workers.get(w) {
+            Some(Some(h)) => h.send(cmd(slot)),
+            _ => Err(Error::WorkerGone(w)),
+        }
+    }
+
+    /// Starts ring `i` if it has everything it needs (kick fd, size, addresses, memory).
+    fn try_start(&mut self, i: u16) -> Result<()> {
+        let idx = usize::from(i);
+        let slot = &self.queues[idx];
+        if slot.running || slot.kick.is_none() {
+            return Ok(());
+        }
+        let (Some(mem), Some((desc_ua, avail_ua, used_ua)), size) =
+            (&self.memory, slot.addr, slot.size)
+        else {
+            log::debug!("queue {i}: kick fd set; waiting for the memory table or ring addresses");
+            return Ok(());
+        };
+        if size == 0 {
+            log::debug!("queue {i}: kick fd set; waiting for SET_VRING_NUM");
+            return Ok(());
+        }
+        let translate = |area, addr| {
+            mem.user_to_guest(addr).ok_or(Error::RingAddressNotMapped {
+                index: i,
+                area,
+                addr,
+            })
+        };
+        let layout = self.layout();
+        let config = QueueConfig {
+            layout,
+            size,
+            desc_table: translate("descriptor", desc_ua)?,
+            driver_area: translate("available", avail_ua)?,
+            device_area: translate("used", used_ua)?,
+            event_idx: self.acked_features & VIRTIO_F_RING_EVENT_IDX != 0,
+            indirect_desc: self.acked_features & VIRTIO_F_RING_INDIRECT_DESC != 0,
+        };
+        let view = mem.view().clone();
+        let queue_err = |source| Error::Queue { index: i, source };
+        let mut queue = Queue::new(config, view.clone()).map_err(queue_err)?;
+        let mut base = slot.base;
+        if layout == RingLayout::Packed
+            && base == 0
+            && packed_slot_flags(&queue, 0) & DESC_F_USED == 0
+        {
+            // Both wrap counters 0 at position 0 is only reachable after a full lap, when
+            // slot 0 has the USED bit set. Without it this is a fresh ring whose frontend
+            // (user-mode Linux) sent the base without the wrap bits.
+            log::info!(
+                "queue {i}: packed ring base 0 on a fresh ring taken as {PACKED_FRESH_BASE:#x}"
+            );
+            base = PACKED_FRESH_BASE;
+        }
+        queue.set_vring_base(base).map_err(queue_err)?;
+
+        let mut tracked = None;
+        if self.protocol_acked(ProtocolFeatures::INFLIGHT_SHMFD) {
+            if let Some(area) = self.inflight.as_ref().and_then(|a| a.queue(i)) {
+                let attached = match layout {
+                    RingLayout::Split => SplitTracker::attach(area, size, queue.next_used(), i)
+                        .map(|(t, l)| (Tracker::Split(t), l)),
+                    RingLayout::Packed => PackedTracker::attach(
+                        area,
+                        size,
+                        (queue.next_used(), queue.used_wrap_counter()),
+                        i,
+                        |s| packed_slot_flags(&queue, s),
+                    )
+                    .map(|(t, l)| (Tracker::Packed(t), l)),
+                };
+                match attached {
+                    Ok((t, list)) => {
+                        if !list.is_empty() {
+                            log::info!(
+                                "queue {i}: {} requests left in flight by a previous backend instance",
+                                list.len()
+                            );
+                            if layout == RingLayout::Split {
+                                // Every popped chain is either in the used ring or in flight.
+                                let n = u16::try_from(list.len()).unwrap_or(u16::MAX);
+                                let want = queue.next_used().wrapping_add(n);
+                                if u32::from(want) != base {
+                                    log::info!(
+                                        "queue {i}: ring base {base:#x} -> {want:#x} to cover them"
+                                    );
+                                    queue.set_vring_base(u32::from(want)).map_err(queue_err)?;
+                                }
+                            } else {
+                                log::warn!(
+                                    "queue {i}: resubmitting packed-ring requests is not supported yet; \
+                                     they are reported to the handler only"
+                                );
+                            }
+                        }
+                        tracked = Some((t, list));
+                    }
+                    Err(e) => log::error!("queue {i}: inflight tracking disabled: {e}"),
+                }
+            } else if self.inflight.is_some() {
+                log::warn!("queue {i}: the inflight area has no region for it; not tracked");
+            }
+        }
+
+        let enabled = if self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            slot.enabled
+        } else {
+            true
+        };
+        let ctx = QueueContext {
+            index: i,
+            size,
+            layout,
+            features: self.acked_features & !VHOST_USER_F_PROTOCOL_FEATURES,
+            memory: view,
+        };
+        let handler = self.device.start_queue(&ctx).map_err(Error::Device)?;
+        let base = queue.vring_base();
+        let mut vring = Vring::new(i, queue, enabled);
+        let _ = vring.set_call(clone_file(&slot.call, "duplicating a call eventfd")?);
+        vring.set_err(clone_file(&slot.err, "duplicating an error eventfd")?);
+        if let Some((t, list)) = tracked {
+            vring.set_tracker(t, list);
+        }
+        let kick =
+            clone_file(&slot.kick, "duplicating a kick eventfd")?.ok_or(Error::RingStart {
+                index: i,
+                why: "no kick eventfd".into(),
+            })?;
+
+        let (w, _) = self.worker_of(i);
+        if self.workers[w].is_none() {
+            let group = self.config.queues_per_thread.max(1);
+            let name = format!("{}-q{}", self.config.thread_name, w * group);
+            let settings = WorkerSettings {
+                poll: Duration::from_micros(self.config.poll_us),
+                drain_timeout: self.config.drain_timeout,
+            };
+            self.workers[w] = Some(WorkerHandle::spawn(
+                w,
+                name,
+                group,
+                settings,
+                self.needs_reset.clone(),
+            )?);
+        }
+        let (tx, rx) = mpsc::channel();
+        self.send_to_worker(i, |slot| Command::Start {
+            slot,
+            queue: Box::new(ActiveQueue {
+                vring,
+                handler,
+                kick,
+            }),
+            reply: tx,
+        })?;
+        match rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Error::RingStart {
+                    index: i,
+                    why: format!("the worker could not watch its fds: {e}"),
+                })
+            }
+            Err(_) => return Err(Error::WorkerGone(w)),
+        }
+        self.queues[idx].running = true;
+        log::info!(
+            "queue {i}: started ({layout:?}, size {size}, base {base:#x}, {})",
+            if enabled { "enabled" } else { "disabled" }
+        );
+        Ok(())
+    }
+
+    /// Stops the running rings among `indices` (draining their in-flight requests, in
+    /// parallel) and records their bases. Stopped rings need a new kick fd to restart.
+    fn stop_rings(&mut self, indices: &[u16]) {
+        let mut waits = Vec::new();
+        for &i in indices {
+            let slot = &mut self.queues[usize::from(i)];
+            slot.kick = None;
+            if !slot.running {
+                continue;
+            }
+            slot.running = false;
+            let (tx, rx) = mpsc::channel();
+            match self.send_to_worker(i, |slot| Command::Stop { slot, reply: tx }) {
+                Ok(()) => waits.push((i, rx)),
+                Err(e) => log::error!("queue {i}: cannot stop: {e}"),
+            }
+        }
+        let limit = self.config.drain_timeout + Duration::from_secs(5);
+        for (i, rx) in waits {
+            match rx.recv_timeout(limit) {
+                Ok(Some(base)) => self.queues[usize::from(i)].base = base,
+                Ok(None) => log::error!("queue {i}: the worker did not know the ring"),
+                Err(_) => log::error!("queue {i}: the worker did not report the ring stopped"),
+            }
+        }
+    }
+
+    fn stop_all_rings(&mut self) {
+        let all: Vec<u16> = (0..self.num_queues).collect();
+        self.stop_rings(&all);
+    }
+
+    fn join_workers(&mut self) {
+        for w in self.workers.iter_mut() {
+            if let Some(w) = w.take() {
+                w.join();
+            }
+        }
+    }
+
+    /// RESET_DEVICE: rings stopped and forgotten, features and status cleared, device reset.
+    fn reset_device(&mut self) {
+        log::info!("device reset requested by the frontend");
+        self.stop_all_rings();
+        self.join_workers();
+        for q in self.queues.iter_mut() {
+            *q = QueueSlot::default();
+        }
+        self.acked_features = 0;
+        self.features_set = false;
+        self.status = 0;
+        self.inflight = None;
+        self.needs_reset.store(false, Ordering::Release);
+        self.device.reset();
+    }
+
+    /// End of connection: stop everything, forget the frontend's memory, reset the device.
+    fn teardown(&mut self) {
+        self.stop_all_rings();
+        self.join_workers();
+        *backend_channel::lock(self.channel) = None;
+        for q in self.queues.iter_mut() {
+            *q = QueueSlot::default();
+        }
+        self.memory = None;
+        self.inflight = None;
+        self.device.reset();
+        log::info!("connection closed; device reset");
+    }
+}
+
+/// Checks that a descriptor is a stream socket (the backend channel must be one).
+fn check_stream_socket(fd: &OwnedFd) -> Result<()> {
+    let mut ty: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: `ty` and `len` are valid out-pointers of the sizes passed.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            std::ptr::addr_of_mut!(ty).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || ty != libc::SOCK_STREAM {
+        return Err(Error::Os {
+            what: "SET_BACKEND_REQ_FD: the descriptor is not a stream socket",
+            source: std::io::Error::from_raw_os_error(libc::ENOTSOCK),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,580 @@
+//! What a daemon implements: a [`Device`] (features, queues, config space, reset) that
+//! creates one [`QueueHandler`] per started queue, which processes its [`Vring`].
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use super::error::DeviceError;
+use super::inflight::{InflightRequest, RecordedDescriptor, Tracker};
+use crate::chain::DescriptorChain;
+use crate::memory::GuestMemoryView;
+use crate::queue::{Queue, RingLayout};
+
+pub use vhost::vhost_user::message::VhostUserProtocolFeatures as ProtocolFeatures;
+
+/// What the server tells a device about a queue it starts.
+#[derive(Clone, Debug)]
+pub struct QueueContext {
+    /// Queue index.
+    pub index: u16,
+    /// Queue size.
+    pub size: u16,
+    /// Ring layout (from VIRTIO_F_RING_PACKED).
+    pub layout: RingLayout,
+    /// The virtio features the frontend acked (without VHOST_USER_F_PROTOCOL_FEATURES).
+    pub features: u64,
+    /// The guest memory at start; later changes arrive through
+    /// [`QueueHandler::memory_changed`].
+    pub memory: Arc<GuestMemoryView>,
+}
+
+/// How far [`QueueHandler::process`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Processed {
+    /// The ring is empty: [`Vring::pop_into`] returned `false`. The worker re-enables
+    /// notifications (re-checking the ring) and sleeps until the next kick.
+    Empty,
+    /// The handler stopped with buffers possibly left in the ring because it is out of
+    /// resources (e.g. its submission queue is full, or a net RX queue has no packet to
+    /// deliver). The worker leaves notifications off and calls `process` again after the
+    /// handler's next event (or the next kick).
+    Throttled,
+}
+
+/// The per-queue half of a device: created by [`Device::start_queue`] when a ring starts,
+/// owned by that queue's worker thread, dropped when the ring stops. It owns its own
+/// resources (an io_uring, a tap queue, buffers), so queues share no lock on the hot path.
+pub trait QueueHandler: Send + 'static {
+    /// File descriptors of the handler's own event sources (an io_uring completion eventfd,
+    /// a tap fd, ...). Called once when the queue starts; the worker adds each to its epoll
+    /// set (level-triggered, readable) and calls [`Self::handle_event`] with its position
+    /// in this list when it becomes readable. The handler keeps them open while it lives,
+    /// and `handle_event` must consume the readiness (e.g. read the eventfd), or the
+    /// worker is woken again at once.
+    fn event_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// New buffers may be available (kick, busy poll, or the ring was just enabled): pop
+    /// chains with [`Vring::pop_into`] and process or submit them. Return
+    /// [`Processed::Empty`] once `pop_into` returned `false`.
+    ///
+    /// An error breaks the queue: the worker logs it, stops processing this queue, signals
+    /// its error eventfd and reports DEVICE_NEEDS_RESET through GET_STATUS. Other queues
+    /// keep running.
+    fn process(&mut self, vring: &mut Vring) -> Result<Processed, DeviceError>;
+
+    /// Event source `fd_index` of [`Self::event_fds`] is readable: reap completions and
+    /// return their chains with [`Vring::add_used`]. The worker signals the driver
+    /// afterwards if needed.
+    fn handle_event(&mut self, fd_index: usize, vring: &mut Vring) -> Result<(), DeviceError> {
+        let _ = (fd_index, vring);
+        Ok(())
+    }
+
+    /// The ring is being stopped (GET_VRING_BASE, reset or disconnect): take no new chains
+    /// and finish the ones in flight. Requests already submitted may complete later: the
+    /// worker keeps delivering [`Self::handle_event`] until [`Vring::in_flight`] is 0 (or
+    /// the server's drain timeout passes), then reports the ring base and drops the
+    /// handler. Chains held without pending I/O (e.g. RX buffers waiting for data) must
+    /// be returned here, with a used length of 0.
+    fn drain(&mut self, vring: &mut Vring) -> Result<(), DeviceError> {
+        let _ = vring;
+        Ok(())
+    }
+
+    /// The frontend changed the memory table. The vring already uses `memory` for new
+    /// chains; chains popped earlier keep the view they were translated with alive. Use
+    /// this to refresh anything derived from guest memory (e.g. registered buffers).
+    fn memory_changed(&mut self, memory: &Arc<GuestMemoryView>) {
+        let _ = memory;
+    }
+}
+
+/// A vhost-user device: the part of a daemon the protocol server talks to.
+///
+/// Methods take `&self` and may be called from the connection thread while queue workers
+/// run; keep mutable device-wide state (e.g. a config space a resize changes) behind the
+/// device's own synchronisation, off the per-request path.
+pub trait Device: Send + Sync + 'static {
+    /// The per-queue handler type.
+    type Handler: QueueHandler;
+
+    /// Virtio feature bits offered: device-specific bits plus the transport bits the
+    /// device supports (VIRTIO_F_VERSION_1, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX,
+    /// VIRTIO_RING_F_INDIRECT_DESC, ...). The server adds VHOST_USER_F_PROTOCOL_FEATURES.
+    fn features(&self) -> u64;
+
+    /// Protocol features the device supports beyond those the server always offers
+    /// (MQ, REPLY_ACK, BACKEND_REQ, BACKEND_SEND_FD, RESET_DEVICE, CONFIGURE_MEM_SLOTS,
+    /// STATUS): `CONFIG` if it has a config space, `INFLIGHT_SHMFD` if its requests must
+    /// survive a backend restart (block). Other bits are ignored.
+    fn protocol_features(&self) -> ProtocolFeatures {
+        ProtocolFeatures::empty()
+    }
+
+    /// Number of queues (GET_QUEUE_NUM).
+    fn num_queues(&self) -> u16;
+
+    /// Largest queue size accepted by SET_VRING_NUM.
+    fn max_queue_size(&self) -> u16;
+
+    /// The frontend acked `features` (SET_FEATURES; without
+    /// VHOST_USER_F_PROTOCOL_FEATURES). An error refuses them.
+    fn set_features(&self, features: u64) -> Result<(), DeviceError> {
+        let _ = features;
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes of the config space at `offset` (GET_CONFIG).
+    fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<(), DeviceError> {
+        let _ = (offset, buf);
+        Err(DeviceError::NoConfigSpace)
+    }
+
+    /// Writes the config space at `offset` (SET_CONFIG).
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
+        Err(DeviceError::ConfigReadOnly {
+            offset,
+            len: data.len(),
+        })
+    }
+
+    /// Creates the handler of a queue that is starting. Called on the connection thread;
+    /// the handler then moves to the queue's worker thread.
+    fn start_queue(&self, ctx: &QueueContext) -> Result<Self::Handler, DeviceError>;
+
+    /// Returns the device to its initial state: called after RESET_DEVICE and when the
+    /// frontend disconnects, once every queue has stopped and its handler was dropped.
+    fn reset(&self) {}
+}
+
+/// A started virtqueue as its handler sees it: the [`Queue`] plus the vhost-user side
+/// (inflight tracking, call and error eventfds, enable state).
+///
+/// Pop and complete chains through this type, not through the [`Queue`], so that
+/// in-flight requests are recorded for a backend restart.
+pub struct Vring {
+    index: u16,
+    queue: Queue,
+    call: Option<File>,
+    err: Option<File>,
+    enabled: bool,
+    used_pending: bool,
+    tracker: Option<Tracker>,
+    /// Packed ring with tracking: host address of the descriptor ring.
+    desc_ring: *const u8,
+    recovered: Vec<InflightRequest>,
+}
+
+// SAFETY: `desc_ring` points into guest memory kept mapped by the queue's memory view
+// (an `Arc` held by `queue`); a vring is used by one thread at a time.
+unsafe impl Send for Vring {}
+
+impl std::fmt::Debug for Vring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vring")
+            .field("index", &self.index)
+            .field("queue", &self.queue)
+            .field("enabled", &self.enabled)
+            .field("tracked", &self.tracker.is_some())
+            .finish()
+    }
+}
+
+/// Writes 1 to an eventfd (or the 8-byte token to a pipe). A full counter or a
+/// non-blocking descriptor that would block means a notification is pending anyway.
+fn signal_fd(fd: &File) -> std::io::Result<()> {
+    let v = 1u64.to_ne_bytes();
+    loop {
+        // SAFETY: writes 8 bytes from a live local buffer to a descriptor we own.
+        let r = unsafe { libc::write(fd.as_raw_fd(), v.as_ptr().cast(), v.len()) };
+        if r >= 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => return Ok(()),
+            _ => return Err(e),
+        }
+    }
+}
+
+impl Vring {
+    pub(crate) fn new(index: u16, queue: Queue, enabled: bool) -> Self {
+        Vring {
+            index,
+            queue,
+            call: None,
+            err: None,
+            enabled,
+            used_pending: false,
+            tracker: None,
+            desc_ring: std::ptr::null(),
+            recovered: Vec::new(),
+        }
+    }
+
+    pub(crate) fn set_tracker(&mut self, tracker: Tracker, recovered: Vec<InflightRequest>) {
+        self.tracker = Some(tracker);
+        self.recovered = recovered;
+        self.refresh_desc_ring();
+    }
+
+    fn refresh_desc_ring(&mut self) {
+        self.desc_ring = std::ptr::null();
+        if matches!(self.tracker, Some(Tracker::Packed(_))) {
+            let cfg = self.queue.config();
+            if let Some(p) =
+                self.queue
+                    .memory()
+                    .translate(cfg.desc_table, 16 * u64::from(cfg.size), &mut 0)
+            {
+                self.desc_ring = p.cast_const();
+            }
+        }
+    }
+
+    /// Replaces the call eventfd; returns true if there was none before.
+    pub(crate) fn set_call(&mut self, call: Option<File>) -> bool {
+        std::mem::replace(&mut self.call, call).is_none()
+    }
+
+    pub(crate) fn set_err(&mut self, err: Option<File>) {
+        self.err = err;
+    }
+
+    pub(crate) fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+    }
+
+    /// Switches to a new memory table (the ring areas are translated again).
+    pub(crate) fn set_memory(&mut self, memory: Arc<GuestMemoryView>) -> crate::Result<()> {
+        self.queue.set_memory(memory)?;
+        self.refresh_desc_ring();
+        Ok(())
+    }
+
+    pub(crate) fn queue_mut(&mut self) -> &mut Queue {
+        &mut self.queue
+    }
+
+    /// Queue index.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// The queue (read-only: pop and complete through the `Vring`).
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// The guest memory new chains are translated with.
+    pub fn memory(&self) -> &Arc<GuestMemoryView> {
+        self.queue.memory()
+    }
+
+    /// Whether the ring is enabled (SET_VRING_ENABLE). The worker only calls
+    /// [`QueueHandler::process`] on enabled rings; completions of a disabled ring are
+    /// still delivered.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Chains popped and not yet returned.
+    pub fn in_flight(&self) -> u16 {
+        self.queue.in_flight()
+    }
+
+    /// True if the driver has made buffers available that were not popped yet.
+    pub fn has_available(&mut self) -> crate::Result<bool> {
+        self.queue.has_available()
+    }
+
+    /// Pops the next available chain into `chain` (reusing its buffers) and, with
+    /// inflight tracking, records it before returning. `Ok(false)`: the ring is empty.
+    /// An error breaks the queue.
+    #[inline]
+    pub fn pop_into(&mut self, chain: &mut DescriptorChain) -> crate::Result<bool> {
+        let head_slot = self.queue.next_avail();
+        if !self.queue.pop_into(chain)? {
+            return Ok(false);
+        }
+        match &mut self.tracker {
+            None => {}
+            Some(Tracker::Split(t)) => t.on_pop(chain.id()),
+            Some(Tracker::Packed(t)) => {
+                let ring = self.desc_ring;
+                let size = self.queue.size();
+                if ring.is_null() {
+                    t.disable("the descriptor ring is not mapped");
+                } else {
+                    t.on_pop(chain.ring_slots(), chain.id(), |k| {
+                        read_packed_descriptor(ring, size, head_slot, k)
+                    });
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Pops the next available chain into a new [`DescriptorChain`] (allocates; prefer
+    /// [`Self::pop_into`] on the hot path).
+    pub fn pop(&mut self) -> crate::Result<Option<DescriptorChain>> {
+        let mut chain = DescriptorChain::new();
+        Ok(self.pop_into(&mut chain)?.then_some(chain))
+    }
+
+    /// Returns a chain to the driver with `len` bytes written. The worker signals the
+    /// driver (if its notification suppression asks for it) after the handler returns.
+    #[inline]
+    pub fn add_used(&mut self, id: u16, len: u32) -> crate::Result<()> {
+        self.add_used_batch(&[(id, len)])
+    }
+
+    /// Returns several chains with one publish (see [`Queue::add_used_batch`]).
+    pub fn add_used_batch(&mut self, used: &[(u16, u32)]) -> crate::Result<()> {
+        match &mut self.tracker {
+            None => self.queue.add_used_batch(used)?,
+            Some(Tracker::Split(t)) => {
+                // The ring's own checks, first, so the area only records accepted batches.
+                let size = self.queue.size();
+                let in_flight = usize::from(self.queue.in_flight());
+                for (i, &(id, _)) in used.iter().enumerate() {
+                    if id >= size || in_flight < used.len() - i {
+                        return Err(crate::Error::NotInFlight(id));
+                    }
+                }
+                t.before_used(used);
+                self.queue.add_used_batch(used)?;
+                t.after_used(used, self.queue.next_used());
+            }
+            Some(Tracker::Packed(t)) => {
+                if !t.check_used(used) {
+                    let id = used.first().map_or(0, |u| u.0);
+                    return Err(crate::Error::NotInFlight(id));
+                }
+                t.before_used(
+                    used,
+                    (self.queue.next_used(), self.queue.used_wrap_counter()),
+                );
+                self.queue.add_used_batch(used)?;
+                t.after_used(used);
+            }
+        }
+        if !used.is_empty() {
+            self.used_pending = true;
+        }
+        Ok(())
+    }
+
+    /// Signals the driver now, if chains were returned since the last signal and its
+    /// notification suppression asks for it. The worker does this after every handler
+    /// call; handlers may call it earlier to cut latency in a long batch.
+    pub fn signal_used(&mut self) {
+        if !std::mem::take(&mut self.used_pending) {
+            return;
+        }
+        if self.queue.needs_notification() {
+            self.notify_driver();
+        }
+    }
+
+    /// Signals the call eventfd unconditionally.
+    pub(crate) fn notify_driver(&self) {
+        if let Some(call) = &self.call {
+            if let Err(e) = signal_fd(call) {
+                log::warn!(
+                    "queue {}: signalling the call eventfd failed: {e}",
+                    self.index
+                );
+            }
+        }
+    }
+
+    /// Signals the error eventfd (SET_VRING_ERR), if the frontend gave one.
+    pub(crate) fn notify_error(&self) {
+        if let Some(err) = &self.err {
+            if let Err(e) = signal_fd(err) {
+                log::warn!(
+                    "queue {}: signalling the error eventfd failed: {e}",
+                    self.index
+                );
+            }
+        }
+    }
+
+    /// Marks the queue broken (e.g. the device found a chain it cannot accept).
+    pub fn set_broken(&mut self) {
+        self.queue.set_broken();
+    }
+
+    /// Requests a previous backend instance left in flight, in fetch order (empty unless
+    /// the ring started with an inflight area holding them). Taking them leaves an empty
+    /// list. Split: the ring base was set so these heads count as in flight, and
+    /// completing one with [`Self::add_used`] works once the handler has resubmitted it.
+    pub fn take_inflight_requests(&mut self) -> Vec<InflightRequest> {
+        std::mem::take(&mut self.recovered)
+    }
+
+    /// Split ring: rebuilds into `chain` the chain whose head descriptor is `head` (the
+    /// [`InflightRequest::id`] of a request from [`Self::take_inflight_requests`]),
+    /// validated as a pop would, so the handler can resubmit it and later complete it with
+    /// [`Self::add_used`]. Packed rings are not supported yet.
+    pub fn resubmit_into(
+        &mut self,
+        head: u16,
+        chain: &mut DescriptorChain,
+    ) -> Result<(), DeviceError> {
+        use crate::desc::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+        use crate::Error as E;
+        let cfg = *self.queue.config();
+        if cfg.layout != RingLayout::Split {
+            return Err(DeviceError::Other(format!(
+                "queue {}: resubmitting packed-ring requests is not supported yet",
+                self.index
+            )));
+        }
+        let size = cfg.size;
+        if head >= size {
+            return Err(E::HeadOutOfRange { head, size }.into());
+        }
+        let mem = self.queue.memory().clone();
+        let mut hint = 0usize;
+        chain.reset(&mem);
+        let mut index = head;
+        let mut walked: u16 = 0;
+        loop {
+            if walked == size {
+                return Err(E::ChainTooLong {
+                    max: u32::from(size),
+                }
+                .into());
+            }
+            walked += 1;
+            let (addr, len, flags, next) = read_split_descriptor(&mem, cfg.desc_table, index)?;
+            if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                if flags & VIRTQ_DESC_F_NEXT != 0 {
+                    return Err(E::IndirectWithNext.into());
+                }
+                if !cfg.indirect_desc {
+                    return Err(E::IndirectNotNegotiated.into());
+                }
+                let table = crate::queue::IndirectTable::new(&mem, &mut hint, addr, len)?;
+                let mut i: u32 = 0;
+                let mut seen: u32 = 0;
+                loop {
+                    if seen == table.entries {
+                        return Err(E::ChainTooLong { max: table.entries }.into());
+                    }
+                    seen += 1;
+                    let (baddr, blen, bflags, bnext) = table.entry(i, &mut hint)?;
+                    if bflags & VIRTQ_DESC_F_INDIRECT != 0 {
+                        return Err(E::NestedIndirect.into());
+                    }
+                    chain.count_descriptor(u32::MAX)?;
+                    chain.push_buffer(
+                        &mem,
+                        &mut hint,
+                        baddr,
+                        blen,
+                        bflags & VIRTQ_DESC_F_WRITE != 0,
+                    )?;
+                    if bflags & VIRTQ_DESC_F_NEXT == 0 {
+                        break;
+                    }
+                    if u32::from(bnext) >= table.entries {
+                        return Err(E::NextOutOfRange {
+                            index: u16::try_from(i).unwrap_or(u16::MAX),
+                            next: bnext,
+                            table_len: table.entries,
+                        }
+                        .into());
+                    }
+                    i = u32::from(bnext);
+                }
+                break;
+            }
+            chain.count_descriptor(u32::from(size))?;
+            chain.push_buffer(&mem, &mut hint, addr, len, flags & VIRTQ_DESC_F_WRITE != 0)?;
+            if flags & VIRTQ_DESC_F_NEXT == 0 {
+                break;
+            }
+            if next >= size {
+                return Err(E::NextOutOfRange {
+                    index,
+                    next,
+                    table_len: u32::from(size),
+                }
+                .into());
+            }
+            index = next;
+        }
+        chain.set_head(head, walked);
+        Ok(())
+    }
+}
+
+/// Reads split descriptor `index` of the table at guest address `table`:
+/// (addr, len, flags, next).
+fn read_split_descriptor(
+    mem: &GuestMemoryView,
+    table: u64,
+    index: u16,
+) -> crate::Result<(u64, u32, u16, u16)> {
+    let gpa = table + 16 * u64::from(index);
+    let host = mem
+        .translate(gpa, 16, &mut 0)
+        .ok_or(crate::Error::BufferOutsideMemory { addr: gpa, len: 16 })?;
+    // SAFETY: `host..host + 16` is mapped guest memory (checked by `translate`); the table
+    // is 16-aligned in guest and host memory (checked when the queue was created), so
+    // both u64 loads are aligned. Volatile: the driver owns the memory.
+    let raw = unsafe {
+        [
+            host.cast::<u64>().read_volatile(),
+            host.cast::<u64>().add(1).read_volatile(),
+        ]
+    };
+    Ok(crate::queue::ring_mem::decode_descriptor(raw))
+}
+
+/// Reads descriptor `k` of a packed chain whose head is at `head_slot`.
+fn read_packed_descriptor(
+    ring: *const u8,
+    size: u16,
+    head_slot: u16,
+    k: u16,
+) -> RecordedDescriptor {
+    let slot = (u32::from(head_slot) + u32::from(k)) % u32::from(size.max(1));
+    let off = slot as usize * 16;
+    // SAFETY: `ring` is the host address of the packed descriptor ring, `16 * size` bytes
+    // inside one mapped region of the vring's memory view (translated when the view was
+    // set), 16-aligned (the queue checked the ring alignment); `off + 16 <= 16 * size`.
+    // The fields are read with volatile loads because the driver owns the memory.
+    unsafe {
+        let p = ring.add(off);
+        RecordedDescriptor {
+            addr: u64::from_le(p.cast::<u64>().read_volatile()),
+            len: u32::from_le(p.add(8).cast::<u32>().read_volatile()),
+            id: u16::from_le(p.add(12).cast::<u16>().read_volatile()),
+            flags: u16::from_le(p.add(14).cast::<u16>().read_volatile()),
+        }
+    }
+}
+
+/// Reads the flags of packed ring slot `slot` (for the inflight reconnect procedure).
+pub(crate) fn packed_slot_flags(queue: &Queue, slot: u16) -> u16 {
+    let cfg = queue.config();
+    let Some(ring) = queue
+        .memory()
+        .translate(cfg.desc_table, 16 * u64::from(cfg.size), &mut 0)
+    else {
+        return 0;
+    };
+    if slot >= cfg.size {
+        return 0;
+    }
+    read_packed_descriptor(ring, cfg.size, slot, 0).flags
+}
