@@ -1,1 +1,233 @@
-fn main() {}
+//! `vhost-user-blk`: serves a file or block device to a VM as a virtio block device over
+//! vhost-user (QEMU `-device vhost-user-blk-pci`, Cloud Hypervisor `--disk vhost_user=on`).
+//!
+//! Follows the backend program conventions of QEMU's `docs/interop/vhost-user.rst`:
+//! `--socket-path PATH` or `--fd N`, `--print-capabilities`, `--blk-file PATH`,
+//! `--read-only`. The daemon serves one frontend at a time and, when it disconnects,
+//! accepts the next one on the same socket. SIGTERM/SIGINT stop it; SIGHUP re-reads the
+//! disk size and, if it changed, tells the frontend with a config-change message.
+
+use std::os::fd::RawFd;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use log::{error, info, warn};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use vhost_user_blk::cli::BlockArgs;
+use vhost_user_blk::{BlockBackend, BlockDevice, BlockQueue, QueueError, RequestRing};
+use virtio_core::vhost_user::{
+    BackendArgs, Capabilities, Device, DeviceError, Processed, ProtocolFeatures, QueueContext,
+    QueueHandler, Server, ServerConfig, Vring,
+};
+use virtio_core::{DescriptorChain, GuestMemoryView};
+
+/// Options beyond the backend program conventions (which are taken out first).
+#[derive(Parser, Debug)]
+#[command(name = "vhost-user-blk", version, about = "vhost-user block device backend")]
+struct Options {
+    #[command(flatten)]
+    blk: BlockArgs,
+    /// Busy-poll each ring for this many microseconds before sleeping on its kick.
+    #[arg(long, default_value_t = 0)]
+    poll_us: u64,
+    /// Queues served by one worker thread (1: a thread per queue).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    queues_per_thread: u16,
+}
+
+/// The vhost-user face of the block device.
+struct BlkDevice {
+    dev: BlockDevice,
+}
+
+/// One queue's processor, owned by its worker thread.
+struct BlkQueueHandler {
+    queue: BlockQueue,
+}
+
+/// Lets [`BlockQueue`] pop and complete through the server's ring wrapper, which
+/// records requests in the inflight area.
+struct VringRing<'a>(&'a mut Vring);
+
+impl RequestRing for VringRing<'_> {
+    fn pop_into(&mut self, chain: &mut DescriptorChain) -> virtio_core::Result<bool> {
+        self.0.pop_into(chain)
+    }
+
+    fn add_used_batch(&mut self, used: &[(u16, u32)]) -> virtio_core::Result<()> {
+        self.0.add_used_batch(used)
+    }
+}
+
+fn device_error(e: QueueError) -> DeviceError {
+    match e {
+        QueueError::Queue(q) => DeviceError::Queue(q),
+        QueueError::Engine(io) => DeviceError::Io(io),
+    }
+}
+
+impl QueueHandler for BlkQueueHandler {
+    fn event_fds(&self) -> Vec<RawFd> {
+        self.queue.completion_fd().into_iter().collect()
+    }
+
+    fn process(&mut self, vring: &mut Vring) -> Result<Processed, DeviceError> {
+        self.queue
+            .process_available(&mut VringRing(vring))
+            .map_err(device_error)?;
+        Ok(if self.queue.is_throttled() {
+            Processed::Throttled
+        } else {
+            Processed::Empty
+        })
+    }
+
+    fn handle_event(&mut self, _fd_index: usize, vring: &mut Vring) -> Result<(), DeviceError> {
+        self.queue
+            .process_completions(&mut VringRing(vring))
+            .map_err(device_error)?;
+        Ok(())
+    }
+
+    fn drain(&mut self, vring: &mut Vring) -> Result<(), DeviceError> {
+        self.queue
+            .drain(&mut VringRing(vring))
+            .map_err(device_error)?;
+        Ok(())
+    }
+
+    fn memory_changed(&mut self, _memory: &Arc<GuestMemoryView>) {
+        self.queue.release_idle_memory();
+    }
+}
+
+impl Device for BlkDevice {
+    type Handler = BlkQueueHandler;
+
+    fn features(&self) -> u64 {
+        self.dev.features()
+    }
+
+    fn protocol_features(&self) -> ProtocolFeatures {
+        ProtocolFeatures::CONFIG | ProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.dev.num_queues()
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.dev.max_queue_size()
+    }
+
+    fn set_features(&self, features: u64) -> Result<(), DeviceError> {
+        self.dev.set_acked_features(features);
+        Ok(())
+    }
+
+    fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<(), DeviceError> {
+        self.dev.read_config(offset, buf);
+        Ok(())
+    }
+
+    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
+        self.dev
+            .write_config(offset, data)
+            .map_err(|e| DeviceError::Other(e.to_string()))
+    }
+
+    fn start_queue(&self, ctx: &QueueContext) -> Result<BlkQueueHandler, DeviceError> {
+        let queue = self.dev.create_queue(ctx.index, ctx.size)?;
+        info!(
+            "queue {}: started ({:?} ring, {} entries)",
+            ctx.index, ctx.layout, ctx.size
+        );
+        Ok(BlkQueueHandler { queue })
+    }
+
+    fn reset(&self) {
+        self.dev.reset();
+    }
+}
+
+fn run() -> Result<(), String> {
+    let (conventions, rest) = BackendArgs::parse_known(std::env::args().skip(1))
+        .map_err(|e| e.to_string())?;
+    if conventions.print_capabilities {
+        return Capabilities::new("block")
+            .feature("read-only")
+            .feature("blk-file")
+            .print()
+            .map_err(|e| format!("printing capabilities: {e}"));
+    }
+    let options = Options::parse_from(std::iter::once("vhost-user-blk".to_string()).chain(rest));
+    let engine = options
+        .blk
+        .engine
+        .resolve()
+        .map_err(|e| format!("choosing the I/O engine: {e}"))?;
+    let backend = BlockBackend::open(&options.blk.backend_options())
+        .map_err(|e| format!("opening {}: {e}", options.blk.path.display()))?;
+    info!(
+        "serving {} ({} sectors, logical block {} B, {}{}), engine {:?}",
+        options.blk.path.display(),
+        backend.capacity_sectors(),
+        backend.logical_block_size(),
+        if backend.is_read_only() { "read-only" } else { "read-write" },
+        if backend.is_direct() { ", O_DIRECT" } else { "" },
+        engine
+    );
+    let device = Arc::new(BlkDevice {
+        dev: BlockDevice::new(Arc::new(backend), options.blk.device_options(), engine),
+    });
+    let socket = conventions.into_socket().map_err(|e| e.to_string())?;
+    let config = ServerConfig {
+        queues_per_thread: usize::from(options.queues_per_thread),
+        poll_us: options.poll_us,
+        thread_name: "vublk".into(),
+        ..ServerConfig::default()
+    };
+    let mut server = Server::new(socket, Arc::clone(&device), config).map_err(|e| e.to_string())?;
+    let notifier = server.config_notifier();
+    let stop = server.shutdown_handle();
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let signal_device = Arc::clone(&device);
+    std::thread::Builder::new()
+        .name("vublk-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    match signal_device.dev.resize() {
+                        Ok(true) => {
+                            info!("disk size changed; notifying the frontend");
+                            if let Err(e) = notifier.notify_config_change() {
+                                warn!("config-change notification failed: {e}");
+                            }
+                        }
+                        Ok(false) => info!("SIGHUP: disk size unchanged"),
+                        Err(e) => error!("SIGHUP: re-reading the disk size failed: {e}"),
+                    }
+                } else {
+                    info!("signal {signal}: shutting down");
+                    stop.shutdown();
+                    break;
+                }
+            }
+        })
+        .map_err(|e| format!("starting the signal thread: {e}"))?;
+    server.serve().map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

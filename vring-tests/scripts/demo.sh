@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Boot a demo VM whose disk is served by our vhost-user-blk daemon (see README.md).
+# Installs QEMU 10 and the guest kernel on first run, builds the daemon, then runs the
+# demo; extra arguments go to demo-vm (--shell, --packed, --queues N, --image PATH).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bash vring-tests/scripts/install-test-deps.sh >/dev/null
+cargo build --release -q -p vhost-user-blk -p vring-tests --bins
+exec target/release/demo-vm "$@"
