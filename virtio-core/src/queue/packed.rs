@@ -334,7 +334,9 @@ impl PackedRing {
     }
 
     fn write_device_event_flags(&mut self, flags: u16) {
-        if self.device_event_flags != flags || flags == RING_EVENT_FLAGS_DESC {
+        // Enabling always writes: guest memory may hold a stale DISABLE from before a reset
+        // or a backend restart. Disabling twice in a row skips the redundant store.
+        if self.device_event_flags != flags || flags != RING_EVENT_FLAGS_DISABLE {
             // Release: a new off_wrap written just before must be visible with the flags.
             self.device_event.store_u16_release(EVENT_FLAGS, flags);
             self.device_event_flags = flags;

@@ -36,9 +36,18 @@ pub(crate) struct SplitRing {
     shadow_avail_idx: Wrapping<u16>,
     /// next_used at the last notification decision; None: notify next time.
     signalled_used: Option<u16>,
-    /// Whether VIRTQ_USED_F_NO_NOTIFY is currently set by us.
+    /// Whether we last wrote VIRTQ_USED_F_NO_NOTIFY (only saves redundant writes on
+    /// disable; enabling always writes, since guest memory may hold a stale flag from
+    /// before a reset or a backend restart).
     no_notify: bool,
     in_flight: u16,
+    /// One bit per head index popped and not yet used.
+    heads_in_flight: Box<[u64]>,
+    /// Chains in flight whose heads are unknown (restored with `set_base`): `add_used`
+    /// accepts that many heads not in `heads_in_flight`.
+    unknown_in_flight: u16,
+    /// Scratch for `add_used_batch`: heads whose bit it cleared, to put back on failure.
+    batch_taken: Vec<u16>,
 }
 
 impl SplitRing {
@@ -56,6 +65,9 @@ impl SplitRing {
             signalled_used: None,
             no_notify: false,
             in_flight: 0,
+            heads_in_flight: vec![0u64; usize::from(config.size).div_ceil(64)].into_boxed_slice(),
+            unknown_in_flight: 0,
+            batch_taken: Vec::new(),
         };
         ring.set_base(0)?;
         Ok(ring)
@@ -104,6 +116,8 @@ impl SplitRing {
         // between used idx and next_avail were in flight when the state was saved.
         self.next_used = Wrapping(self.used.read_u16(USED_IDX));
         self.in_flight = next_avail.wrapping_sub(self.next_used.0).min(self.size);
+        self.heads_in_flight.fill(0);
+        self.unknown_in_flight = self.in_flight;
         self.signalled_used = None;
         self.no_notify = false;
         Ok(())
@@ -200,13 +214,45 @@ impl SplitRing {
         chain.set_head(head, walked);
         self.next_avail += 1;
         self.in_flight += 1;
+        // A head the driver made available again while in flight is a driver bug; the
+        // bit is already set and `add_used` accepts it once, as the driver will expect.
+        self.heads_in_flight[usize::from(head / 64)] |= 1 << (head % 64);
         Ok(true)
     }
 
+    /// Takes `id` out of the in-flight set: `Some(true)` if its bit was set, `Some(false)`
+    /// if it was counted as one of the unknown heads, `None` if it is not in flight.
+    #[inline]
+    fn take_in_flight(&mut self, id: u16) -> Option<bool> {
+        let word = self.heads_in_flight.get_mut(usize::from(id / 64))?;
+        let bit = 1u64 << (id % 64);
+        if *word & bit != 0 {
+            *word &= !bit;
+            Some(true)
+        } else if self.unknown_in_flight > 0 {
+            self.unknown_in_flight -= 1;
+            Some(false)
+        } else {
+            None
+        }
+    }
+
     pub(crate) fn add_used_batch(&mut self, used: &[(u16, u32)]) -> Result<()> {
-        for (i, &(id, _)) in used.iter().enumerate() {
-            if id >= self.size || usize::from(self.in_flight) < used.len() - i {
-                return Err(Error::NotInFlight(id));
+        // Take every head out of the in-flight set first, so that one not in flight (or
+        // repeated) publishes nothing: on failure the heads taken so far are put back.
+        let saved_unknown = self.unknown_in_flight;
+        self.batch_taken.clear();
+        for &(id, _) in used {
+            match self.take_in_flight(id) {
+                Some(true) => self.batch_taken.push(id),
+                Some(false) => {}
+                None => {
+                    self.unknown_in_flight = saved_unknown;
+                    for &prev in &self.batch_taken {
+                        self.heads_in_flight[usize::from(prev / 64)] |= 1 << (prev % 64);
+                    }
+                    return Err(Error::NotInFlight(id));
+                }
             }
         }
         let mask = self.size - 1;
@@ -219,8 +265,8 @@ impl SplitRing {
         // §2.7.8 / §2.7.14: the used elements must be visible before the new idx; release
         // orders the element writes above before this store.
         self.used.store_u16_release(USED_IDX, self.next_used.0);
-        // The count fits: checked against in_flight above.
-        self.in_flight -= u16::try_from(used.len()).unwrap_or(u16::MAX);
+        // Every id was in flight, so the count fits.
+        self.in_flight -= u16::try_from(used.len()).unwrap_or(self.in_flight);
         Ok(())
     }
 
@@ -251,7 +297,8 @@ impl SplitRing {
             // Ask for a kick when the driver passes next_avail (avail_event, §2.7.10).
             self.used
                 .write_u16(USED_RING + 8 * usize::from(self.size), self.next_avail.0);
-        } else if self.no_notify {
+        } else {
+            // Always written: the flag in guest memory may be stale (see `no_notify`).
             self.used.write_u16(USED_FLAGS, 0);
             self.no_notify = false;
         }
