@@ -39,6 +39,7 @@
 //! [`INSMOD_FAILED_MARKER`] and powering off if one fails), runs the test
 //! script with `sh`, prints `E2E-EXIT=<rc>` ([`EXIT_MARKER`]) and powers off.
 
+pub mod blk;
 mod cpio;
 mod initramfs;
 mod kernel;
