@@ -44,7 +44,19 @@ struct BlkDevice {
 
 /// One queue's processor, owned by its worker thread.
 struct BlkQueueHandler {
+    index: u16,
     queue: BlockQueue,
+}
+
+impl Drop for BlkQueueHandler {
+    /// The ring stopped (GET_VRING_BASE, reset or disconnect): log what it did.
+    fn drop(&mut self) {
+        info!(
+            "queue {}: stopped; counters since the daemon started: {:?}",
+            self.index,
+            self.queue.metrics().snapshot()
+        );
+    }
 }
 
 /// Lets [`BlockQueue`] pop and complete through the server's ring wrapper, which
@@ -144,7 +156,10 @@ impl Device for BlkDevice {
             "queue {}: started ({:?} ring, {} entries)",
             ctx.index, ctx.layout, ctx.size
         );
-        Ok(BlkQueueHandler { queue })
+        Ok(BlkQueueHandler {
+            index: ctx.index,
+            queue,
+        })
     }
 
     fn reset(&self) {
