@@ -1159,3 +1159,63 @@ fn second_vm_served_after_first_exits_packed() {
 fn second_vm_with_other_ring_layout() {
     case_second_vm(Ring::Packed, Ring::Split);
 }
+
+// ---------------------------------------------------------------------------
+// Resize: the host grows the image and sends SIGHUP; the daemon re-reads the size and
+// announces it with a config-change message (BACKEND_REQ); QEMU relays it to the guest.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn resize_on_sighup_reaches_the_guest() {
+    let name = "resize";
+    let t0 = Instant::now();
+    let disk = Disk::new(name, "blkresize", DiskOpts::default(), &[]);
+    if disk.backend_pid().is_none() {
+        eprintln!("{name}: the backend under test has no process to signal; skipped");
+        return;
+    }
+    let kernel = kernel();
+    let old_sectors = DISK_SIZE / 512;
+    let new_sectors = 2 * old_sectors;
+    let script = format!(
+        r#"[ "$(cat /sys/block/vda/size)" = {old_sectors} ] || fail "unexpected initial size $(cat /sys/block/vda/size)"
+echo E2E-READY
+i=0
+while [ "$(cat /sys/block/vda/size)" != {new_sectors} ]; do
+    i=$(( i + 1 ))
+    [ "$i" -lt 600 ] || fail "the guest never saw the new size (still $(cat /sys/block/vda/size))"
+    usleep 100000
+done
+step "new size seen"
+dd if=/dev/zero of=/dev/vda bs=4096 count=1 seek=$(( {new_sectors} / 8 - 1 )) oflag=direct 2>/tmp/dd.err || {{ cat /tmp/dd.err; fail "writing the last block of the grown disk failed"; }}
+kv resized "$(cat /sys/block/vda/size)"
+"#
+    );
+    let vm = disk
+        .vm(&kernel, &initramfs(&kernel, &script), Ring::Split, 1)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    if let Err(e) = vm.wait_for_output("E2E-READY", VM_TIMEOUT) {
+        let log = vm.kill();
+        disk.fail(&format!("the guest never got ready: {e}"), &log);
+    }
+    File::options()
+        .write(true)
+        .open(&disk.image)
+        .and_then(|f| f.set_len(2 * DISK_SIZE as u64))
+        .unwrap();
+    let pid = disk.backend_pid().unwrap_or(0);
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(rc, 0, "sending SIGHUP to the backend failed");
+    let out = match vm.wait() {
+        Ok(out) if out.success() => out,
+        Ok(out) => disk.fail(
+            &format!("guest script failed (E2E-EXIT={})", out.exit_code),
+            &out.log,
+        ),
+        Err(e) => disk.fail(&format!("VM run failed: {e}"), e.log().unwrap_or("")),
+    };
+    assert_eq!(kv_u64(&disk, &out, "resized"), new_sectors as u64);
+    finished(name, t0);
+}
