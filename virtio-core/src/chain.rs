@@ -206,7 +206,10 @@ impl DescriptorChain {
     }
 
     /// Validates and appends one buffer (already counted with `count_descriptor`).
-    #[inline]
+    ///
+    /// The common case (the buffer inside one region) is inlined into the ring walks; a
+    /// buffer crossing regions takes the out-of-line [`Self::push_buffer_pieces`].
+    #[inline(always)]
     pub(crate) fn push_buffer(
         &mut self,
         view: &GuestMemoryView,
@@ -226,19 +229,35 @@ impl DescriptorChain {
         if self.total_len > u64::from(u32::MAX) {
             return Err(Error::ChainTooLarge);
         }
+        if len == 0 {
+            // Nothing to map.
+            return Ok(());
+        }
+        match view.translate(addr, u64::from(len), hint) {
+            Some(host) => {
+                self.push_segment(host, len, addr, writable);
+                Ok(())
+            }
+            None => self.push_buffer_pieces(view, hint, addr, len, writable),
+        }
+    }
+
+    /// Slow path of [`Self::push_buffer`]: a buffer split across regions, or outside
+    /// guest memory.
+    #[cold]
+    #[inline(never)]
+    fn push_buffer_pieces(
+        &mut self,
+        view: &GuestMemoryView,
+        hint: &mut usize,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> Result<()> {
         let outside = || Error::BufferOutsideMemory {
             addr,
             len: u64::from(len),
         };
-        if len == 0 {
-            // Nothing to map, but the address must still not overflow.
-            return Ok(());
-        }
-        // Fast path: the whole buffer in one region (the common case).
-        if let Some(host) = view.translate(addr, u64::from(len), hint) {
-            self.push_segment(host, len, addr, writable);
-            return Ok(());
-        }
         let iovecs = &mut self.iovecs;
         let guest_addrs = &mut self.guest_addrs;
         let mut pieces = 0usize;
@@ -267,7 +286,7 @@ impl DescriptorChain {
         Ok(())
     }
 
-    #[inline]
+    #[inline(always)]
     fn push_segment(&mut self, host: *mut u8, len: u32, gpa: u64, writable: bool) {
         self.iovecs.push(libc::iovec {
             iov_base: host.cast(),

@@ -308,7 +308,10 @@ impl Queue {
     /// Returns a chain to the driver with `len` bytes written, and publishes it.
     /// `id` is [`DescriptorChain::id`].
     pub fn add_used(&mut self, id: u16, len: u32) -> Result<()> {
-        self.add_used_batch(&[(id, len)])
+        match &mut self.ring {
+            Ring::Split(r) => r.add_used_one(id, len),
+            Ring::Packed(r) => r.add_used_one(id, len),
+        }
     }
 
     /// Returns several chains (`(id, len)` in completion order) with one publish: the

@@ -234,6 +234,23 @@ impl PackedRing {
         flags
     }
 
+    /// One completion: the hot path of [`crate::Queue::add_used`].
+    #[inline]
+    pub(crate) fn add_used_one(&mut self, id: u16, len: u32) -> Result<()> {
+        let slots = std::mem::take(&mut self.slots_by_id[usize::from(id)]);
+        if slots == 0 {
+            return Err(Error::NotInFlight(id));
+        }
+        let off = usize::from(self.next_used) * 16;
+        let flags = Self::used_flags(self.used_wrap_counter, len);
+        self.desc_ring.write_u32(off + DESC_LEN, len);
+        self.desc_ring.write_u16(off + DESC_ID, id);
+        // §2.8.22: id and len before flags; release orders them.
+        self.desc_ring.store_u16_release(off + DESC_FLAGS, flags);
+        self.advance_used(slots);
+        Ok(())
+    }
+
     pub(crate) fn add_used_batch(&mut self, used: &[(u16, u32)]) -> Result<()> {
         // Take every ID's slot count first, so that an ID not in flight (or repeated)
         // publishes nothing: on failure the counts taken so far are put back.
@@ -278,12 +295,16 @@ impl PackedRing {
     fn advance_used(&mut self, slots: u16) {
         self.in_flight -= 1;
         self.used_since_signal += u32::from(slots);
-        // §2.8.7: the used position advances by the slots the buffer took.
+        // §2.8.7: the used position advances by the slots the buffer took (never more
+        // than the ring size, so one subtraction wraps it).
         let next = u32::from(self.next_used) + u32::from(slots);
-        if next >= u32::from(self.size) {
+        let next = if next >= u32::from(self.size) {
             self.used_wrap_counter = !self.used_wrap_counter;
-        }
-        self.next_used = u16::try_from(next % u32::from(self.size)).unwrap_or(0);
+            next - u32::from(self.size)
+        } else {
+            next
+        };
+        self.next_used = u16::try_from(next).unwrap_or(0);
     }
 
     pub(crate) fn needs_notification(&mut self) -> bool {

@@ -237,6 +237,22 @@ impl SplitRing {
         }
     }
 
+    /// One completion: the hot path of [`crate::Queue::add_used`].
+    #[inline]
+    pub(crate) fn add_used_one(&mut self, id: u16, len: u32) -> Result<()> {
+        if self.take_in_flight(id).is_none() {
+            return Err(Error::NotInFlight(id));
+        }
+        let off = USED_RING + 8 * usize::from(self.next_used.0 & (self.size - 1));
+        self.used.write_u32(off, u32::from(id));
+        self.used.write_u32(off + 4, len);
+        self.next_used += 1;
+        // §2.7.8: the element before the idx (release).
+        self.used.store_u16_release(USED_IDX, self.next_used.0);
+        self.in_flight -= 1;
+        Ok(())
+    }
+
     pub(crate) fn add_used_batch(&mut self, used: &[(u16, u32)]) -> Result<()> {
         // Take every head out of the in-flight set first, so that one not in flight (or
         // repeated) publishes nothing: on failure the heads taken so far are put back.
