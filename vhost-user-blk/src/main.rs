@@ -25,7 +25,11 @@ use virtio_core::{DescriptorChain, GuestMemoryView};
 
 /// Options beyond the backend program conventions (which are taken out first).
 #[derive(Parser, Debug)]
-#[command(name = "vhost-user-blk", version, about = "vhost-user block device backend")]
+#[command(
+    name = "vhost-user-blk",
+    version,
+    about = "vhost-user block device backend"
+)]
 struct Options {
     #[command(flatten)]
     blk: BlockArgs,
@@ -168,8 +172,8 @@ impl Device for BlkDevice {
 }
 
 fn run() -> Result<(), String> {
-    let (conventions, rest) = BackendArgs::parse_known(std::env::args().skip(1))
-        .map_err(|e| e.to_string())?;
+    let (conventions, rest) =
+        BackendArgs::parse_known(std::env::args().skip(1)).map_err(|e| e.to_string())?;
     if conventions.print_capabilities {
         return Capabilities::new("block")
             .feature("read-only")
@@ -190,8 +194,16 @@ fn run() -> Result<(), String> {
         options.blk.path.display(),
         backend.capacity_sectors(),
         backend.logical_block_size(),
-        if backend.is_read_only() { "read-only" } else { "read-write" },
-        if backend.is_direct() { ", O_DIRECT" } else { "" },
+        if backend.is_read_only() {
+            "read-only"
+        } else {
+            "read-write"
+        },
+        if backend.is_direct() {
+            ", O_DIRECT"
+        } else {
+            ""
+        },
         engine
     );
     let device = Arc::new(BlkDevice {

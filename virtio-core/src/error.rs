@@ -106,6 +106,13 @@ pub enum Error {
     /// Packed: the driver made a buffer available whose ID is still in use (§2.8.5).
     #[error("buffer id {0} is already in flight")]
     BufferIdInUse(u16),
+    /// Split: the driver made a head available again while it is still in flight.
+    #[error("head {0} is made available again while still in flight")]
+    HeadInUse(u16),
+    /// The driver made more chains available than the queue size while none were used
+    /// (§2.7.13.3, §2.8.21: the ring holds at most `size` buffers).
+    #[error("more than {0} chains in flight")]
+    TooManyInFlight(u16),
     /// `add_used` for a head or buffer ID that is not in flight (a device bug).
     #[error("add_used for id {0}, which is not in flight")]
     NotInFlight(u16),

@@ -19,6 +19,10 @@ cargo build --release --workspace --bins
 step "cargo test (workspace, all features)"
 cargo test --workspace --all-features -- --test-threads="${TEST_THREADS:-2}"
 
+step "fuzz harness tests (seed corpus and crash regressions, no sanitizer)"
+cargo fmt --manifest-path vring-tests/fuzz/Cargo.toml -- --check
+cargo test --release --manifest-path vring-tests/fuzz/Cargo.toml
+
 if [ -x vring-tests/scripts/fuzz.sh ]; then
     step "bounded fuzzing (${FUZZ_SECONDS:-30}s per target)"
     vring-tests/scripts/fuzz.sh "${FUZZ_SECONDS:-30}"

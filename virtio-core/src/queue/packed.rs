@@ -164,6 +164,11 @@ impl PackedRing {
         if !is_available(flags, self.avail_wrap_counter) {
             return Ok(false);
         }
+        if self.in_flight >= self.size {
+            // Each buffer takes at least one slot: more than `size` in flight means the
+            // driver overwrote slots the device still owns.
+            return Err(Error::TooManyInFlight(self.size));
+        }
         chain.reset(ctx.mem);
         let mem: &GuestMemoryView = ctx.mem;
         let size = self.size;

@@ -173,6 +173,12 @@ impl SplitRing {
         if head >= size {
             return Err(Error::HeadOutOfRange { head, size });
         }
+        if self.in_flight >= size {
+            return Err(Error::TooManyInFlight(size));
+        }
+        if self.heads_in_flight[usize::from(head / 64)] & (1 << (head % 64)) != 0 {
+            return Err(Error::HeadInUse(head));
+        }
         chain.reset(ctx.mem);
         let mem: &GuestMemoryView = ctx.mem;
         let mut index = head;
@@ -214,8 +220,6 @@ impl SplitRing {
         chain.set_head(head, walked);
         self.next_avail += 1;
         self.in_flight += 1;
-        // A head the driver made available again while in flight is a driver bug; the
-        // bit is already set and `add_used` accepts it once, as the driver will expect.
         self.heads_in_flight[usize::from(head / 64)] |= 1 << (head % 64);
         Ok(true)
     }

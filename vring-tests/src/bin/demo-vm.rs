@@ -73,7 +73,11 @@ fn run(args: Args) -> Result<(), String> {
         println!("created sparse 1 GiB image {}", image.display());
     }
     let kernel = GuestKernel::locate().map_err(|e| e.to_string())?;
-    let script = if args.shell { SHELL_SCRIPT } else { DEMO_SCRIPT };
+    let script = if args.shell {
+        SHELL_SCRIPT
+    } else {
+        DEMO_SCRIPT
+    };
     let initrd = Initramfs::new(&kernel)
         .modules(&["virtio_blk"])
         .script(script)
@@ -96,7 +100,15 @@ fn run(args: Args) -> Result<(), String> {
         .smp(u32::from(args.queues))
         .chardev_socket("c0", &sock)
         .device(&device);
-    println!("daemon: vhost-user-blk --socket-path {} {}", sock.display(), daemon_args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
+    println!(
+        "daemon: vhost-user-blk --socket-path {} {}",
+        sock.display(),
+        daemon_args
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let result = if args.shell {
         let argv = vm.command_line().map_err(|e| e.to_string())?;
         let (prog, rest) = argv.split_first().ok_or("empty QEMU command line")?;
@@ -115,7 +127,10 @@ fn run(args: Args) -> Result<(), String> {
             println!("demo finished in {:.1} s", out.elapsed.as_secs_f64());
             Ok(())
         } else {
-            Err(format!("the guest's demo script failed (exit {})", out.exit_code))
+            Err(format!(
+                "the guest's demo script failed (exit {})",
+                out.exit_code
+            ))
         }
     };
     let (_, log) = daemon.stop().map_err(|e| e.to_string())?;
