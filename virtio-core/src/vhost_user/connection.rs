@@ -159,33 +159,13 @@ impl<'a, D: Device> Connection<'a, D> {
     fn serve(&mut self, shutdown: RawFd) -> Result<()> {
         let mut msg = Message::default();
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.stream.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: shutdown,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a live array of two pollfd for the duration of the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+            match super::server::wait_readable(self.stream.as_raw_fd(), shutdown)? {
+                super::server::Wake::Shutdown => {
+                    log::info!("shutting down: closing the frontend connection");
+                    return Ok(());
                 }
-                return Err(Error::Socket(e));
-            }
-            if fds[1].revents != 0 {
-                log::info!("shutting down: closing the frontend connection");
-                return Ok(());
-            }
-            if fds[0].revents == 0 {
-                continue;
+                super::server::Wake::Spurious => continue,
+                super::server::Wake::Readable => {}
             }
             match message::recv_message(&self.stream, &mut msg) {
                 Ok(()) => {}

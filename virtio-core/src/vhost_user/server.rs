@@ -1,7 +1,7 @@
 //! The server: accepts frontends on a unix socket, one at a time, and serves each until it
 //! disconnects; then waits for the next one on the same socket.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -148,33 +148,13 @@ impl<D: Device> Server<D> {
 
     fn accept_loop(&self, listener: &UnixListener) -> Result<()> {
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.shutdown.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a live array of two pollfd for the duration of the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
+            match wait_readable(listener.as_raw_fd(), self.shutdown.as_raw_fd())? {
+                Wake::Shutdown => {
+                    log::info!("shutdown requested");
+                    return Ok(());
                 }
-                return Err(Error::Socket(e));
-            }
-            if fds[1].revents != 0 {
-                log::info!("shutdown requested");
-                return Ok(());
-            }
-            if fds[0].revents == 0 {
-                continue;
+                Wake::Spurious => continue,
+                Wake::Readable => {}
             }
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
@@ -230,5 +210,48 @@ pub(crate) fn bind_socket(path: &Path) -> Result<UnixListener> {
     UnixListener::bind(path).map_err(|source| Error::Bind {
         path: path.to_path_buf(),
         source,
+    })
+}
+
+/// What [`wait_readable`] woke up for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// The watched fd is readable (or hung up).
+    Readable,
+    /// The shutdown eventfd is readable.
+    Shutdown,
+    /// Interrupted by a signal, or no event on either fd: wait again.
+    Spurious,
+}
+
+/// Waits until `fd` or the `shutdown` eventfd is readable; shutdown wins when both are.
+pub(crate) fn wait_readable(fd: RawFd, shutdown: RawFd) -> Result<Wake> {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: shutdown,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a live array of two pollfd for the duration of the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(Wake::Spurious);
+        }
+        return Err(Error::Socket(e));
+    }
+    Ok(if fds[1].revents != 0 {
+        Wake::Shutdown
+    } else if fds[0].revents != 0 {
+        Wake::Readable
+    } else {
+        Wake::Spurious
     })
 }
