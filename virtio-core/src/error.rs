@@ -116,6 +116,35 @@ pub enum Error {
     /// `add_used` for a head or buffer ID that is not in flight (a device bug).
     #[error("add_used for id {0}, which is not in flight")]
     NotInFlight(u16),
+
+    /// A recovered split chain (inflight area) when the restored ring base counts no
+    /// chain in flight whose head is unknown.
+    #[error("recovered head {0} is not covered by the restored ring base")]
+    RecoveredNotInFlight(u16),
+
+    /// A recovered packed chain whose recorded descriptor copies end before a
+    /// descriptor without NEXT.
+    #[error("recovered chain is truncated after {slots} recorded descriptors")]
+    RecoveredChainTruncated {
+        /// Recorded descriptors walked.
+        slots: u16,
+    },
+
+    /// A recovered packed chain that ends before its recorded descriptors do.
+    #[error("recovered chain of buffer id {id} ends after {walked} of its {recorded} recorded descriptors")]
+    RecoveredChainMismatch {
+        /// The buffer ID.
+        id: u16,
+        /// Descriptors recorded.
+        recorded: usize,
+        /// Descriptors the chain took.
+        walked: u16,
+    },
+
+    /// A recovered chain of the other ring layout.
+    #[error("recovered chain does not match the queue's ring layout")]
+    RecoveredLayoutMismatch,
+
     /// The queue was broken by an earlier error and must be reset.
     #[error("queue is broken by an earlier error and needs a reset")]
     Broken,

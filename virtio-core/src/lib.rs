@@ -36,4 +36,4 @@ pub use chain::{DescriptorChain, Reader, Segment, Writer};
 pub use desc::vring_need_event;
 pub use error::{Error, Result};
 pub use memory::{GuestMemoryView, HostRegion, MemoryError};
-pub use queue::{Queue, QueueConfig, RingLayout, MAX_QUEUE_SIZE};
+pub use queue::{Queue, QueueConfig, RecoveredChain, RingLayout, MAX_QUEUE_SIZE};

@@ -36,6 +36,7 @@ mod split;
 use std::sync::Arc;
 
 use crate::chain::{DescriptorChain, MAX_INDIRECT_ENTRIES};
+use crate::desc::PackedDescriptor;
 use crate::error::{Error, Result};
 use crate::memory::GuestMemoryView;
 pub use packed::desc_event_needs_notification;
@@ -283,6 +284,41 @@ impl Queue {
         r
     }
 
+    /// Takes back into `chain` a chain that a previous device instance popped and never
+    /// completed (vhost-user "Inflight I/O tracking"), validated as a pop would and
+    /// counted in flight, so that it completes with [`Self::add_used`] like any other.
+    /// The ring positions do not move: the caller restored a base that covers it
+    /// ([`Self::set_vring_base`]; split: `next_used` plus the number of recovered chains).
+    ///
+    /// Any error breaks the queue.
+    pub fn pop_recovered_into(
+        &mut self,
+        chain: &mut DescriptorChain,
+        recovered: RecoveredChain<'_>,
+    ) -> Result<()> {
+        if self.broken {
+            return Err(Error::Broken);
+        }
+        let ctx = PopContext {
+            mem: &self.mem,
+            hint: &mut self.region_hint,
+            indirect_desc: self.config.indirect_desc,
+        };
+        let r = match (&mut self.ring, recovered) {
+            (Ring::Split(r), RecoveredChain::Split { head }) => {
+                r.pop_recovered_into(ctx, head, chain)
+            }
+            (Ring::Packed(r), RecoveredChain::Packed { descriptors }) => {
+                r.pop_recovered_into(ctx, descriptors, chain)
+            }
+            (_, _) => Err(Error::RecoveredLayoutMismatch),
+        };
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
     /// Pops the next available chain into a new [`DescriptorChain`].
     pub fn pop(&mut self) -> Result<Option<DescriptorChain>> {
         let mut chain = DescriptorChain::new();
@@ -398,6 +434,24 @@ impl Queue {
             Ring::Packed(r) => r.in_flight(),
         }
     }
+}
+
+/// A chain a previous device instance popped and never completed, as an inflight area
+/// recorded it (see [`Queue::pop_recovered_into`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveredChain<'a> {
+    /// Split ring: the chain's head descriptor index (the chain is still in the
+    /// descriptor table: the driver does not reuse it before it is used).
+    Split {
+        /// Head descriptor index.
+        head: u16,
+    },
+    /// Packed ring: copies of the chain's ring descriptors, recorded when it was popped
+    /// (the ring slots themselves may have been overwritten by used descriptors since).
+    Packed {
+        /// The ring descriptors, head first.
+        descriptors: &'a [PackedDescriptor],
+    },
 }
 
 /// What a ring layout's pop needs from the queue.

@@ -5,9 +5,9 @@ use std::sync::atomic::{fence, Ordering};
 use super::{map_area, IndirectTable, PopContext, QueueConfig, RingArea};
 use crate::chain::DescriptorChain;
 use crate::desc::{
-    vring_need_event, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
-    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_USED,
-    VIRTQ_DESC_F_WRITE,
+    vring_need_event, PackedDescriptor, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_USED, VIRTQ_DESC_F_WRITE,
 };
 use crate::error::{Error, Result};
 use crate::memory::GuestMemoryView;
@@ -160,7 +160,7 @@ impl PackedRing {
         ctx: PopContext<'_>,
         chain: &mut DescriptorChain,
     ) -> Result<bool> {
-        let mut flags = self.head_flags_acquire();
+        let flags = self.head_flags_acquire();
         if !is_available(flags, self.avail_wrap_counter) {
             return Ok(false);
         }
@@ -169,59 +169,72 @@ impl PackedRing {
             // driver overwrote slots the device still owns.
             return Err(Error::TooManyInFlight(self.size));
         }
-        chain.reset(ctx.mem);
-        let mem: &GuestMemoryView = ctx.mem;
         let size = self.size;
         let mut slot = self.next_avail;
         let mut wrap = self.avail_wrap_counter;
-        let mut slots: u16 = 0;
-        let id = loop {
-            if slots == size {
-                return Err(Error::ChainTooLong {
-                    max: u32::from(size),
-                });
-            }
-            slots += 1;
+        let ring = &self.desc_ring;
+        let (id, slots) = walk_chain(ctx, chain, size, |k| {
             let off = usize::from(slot) * 16;
             // One snapshot of the descriptor. For the head, keep the flags loaded with
             // acquire above rather than a second read the driver could have changed.
-            let (addr, len, id, raw_flags) = self.desc_ring.read_descriptor(off);
-            if slots > 1 {
-                flags = raw_flags;
-            }
+            let (addr, len, id, raw_flags) = ring.read_descriptor(off);
+            let f = if k == 0 { flags } else { raw_flags };
             // Advance, flipping the wrap counter past the ring end (§2.8.1).
             slot += 1;
             if slot == size {
                 slot = 0;
                 wrap = !wrap;
             }
-            if flags & VIRTQ_DESC_F_INDIRECT != 0 {
-                if flags & VIRTQ_DESC_F_NEXT != 0 {
-                    return Err(Error::IndirectWithNext);
-                }
-                if !ctx.indirect_desc {
-                    return Err(Error::IndirectNotNegotiated);
-                }
-                walk_indirect(mem, ctx.hint, chain, addr, len)?;
-                break id;
-            }
-            chain.count_descriptor(u32::from(size))?;
-            chain.push_buffer(mem, ctx.hint, addr, len, flags & VIRTQ_DESC_F_WRITE != 0)?;
-            if flags & VIRTQ_DESC_F_NEXT == 0 {
-                // §2.8.6: the buffer ID is in the last descriptor of the chain.
-                break id;
-            }
-        };
+            Some((addr, len, id, f))
+        })?;
+        self.take_slots(id, slots)?;
+        chain.set_head(id, slots);
+        self.next_avail = slot;
+        self.avail_wrap_counter = wrap;
+        Ok(true)
+    }
+
+    /// Records buffer `id` as in flight, taking `slots` ring slots.
+    #[inline(always)]
+    fn take_slots(&mut self, id: u16, slots: u16) -> Result<()> {
         let entry = &mut self.slots_by_id[usize::from(id)];
         if *entry != 0 {
             return Err(Error::BufferIdInUse(id));
         }
         *entry = slots;
-        chain.set_head(id, slots);
-        self.next_avail = slot;
-        self.avail_wrap_counter = wrap;
         self.in_flight += 1;
-        Ok(true)
+        Ok(())
+    }
+
+    /// Takes back a chain that a previous device instance popped and never completed
+    /// (vhost-user inflight recovery), from the copies of its ring descriptors recorded
+    /// when it was popped: validated like a pop, counted in flight. The ring positions do
+    /// not move: the restored base already covers the chain's slots.
+    pub(crate) fn pop_recovered_into(
+        &mut self,
+        ctx: PopContext<'_>,
+        descriptors: &[PackedDescriptor],
+        chain: &mut DescriptorChain,
+    ) -> Result<()> {
+        if self.in_flight >= self.size {
+            return Err(Error::TooManyInFlight(self.size));
+        }
+        let size = self.size;
+        let (id, slots) = walk_chain(ctx, chain, size, |k| {
+            descriptors
+                .get(usize::from(k))
+                .map(|d| (d.addr, d.len, d.id, d.flags))
+        })?;
+        if usize::from(slots) != descriptors.len() {
+            return Err(Error::RecoveredChainMismatch {
+                id,
+                recorded: descriptors.len(),
+                walked: slots,
+            });
+        }
+        self.take_slots(id, slots)?;
+        chain.set_head(id, slots);
+        Ok(())
     }
 
     /// The flags of a used descriptor: AVAIL and USED both equal to the used wrap counter
@@ -412,4 +425,48 @@ fn walk_indirect(
         chain.push_buffer(mem, hint, baddr, blen, flags & VIRTQ_DESC_F_WRITE != 0)?;
     }
     Ok(())
+}
+
+/// Walks one packed chain (§2.8.6, §2.8.7) into `chain`: `desc_at(k)` gives the k-th ring
+/// descriptor of the chain as (addr, len, id, flags), or `None` past the end of a
+/// recorded copy. The one walk of a packed chain, for chains read from the ring and
+/// chains recovered from an inflight area alike. Returns the buffer ID (in the last
+/// descriptor) and the number of ring slots the chain takes.
+#[inline(always)]
+fn walk_chain(
+    ctx: PopContext<'_>,
+    chain: &mut DescriptorChain,
+    size: u16,
+    mut desc_at: impl FnMut(u16) -> Option<(u64, u32, u16, u16)>,
+) -> Result<(u16, u16)> {
+    chain.reset(ctx.mem);
+    let mem: &GuestMemoryView = ctx.mem;
+    let mut slots: u16 = 0;
+    loop {
+        if slots == size {
+            return Err(Error::ChainTooLong {
+                max: u32::from(size),
+            });
+        }
+        let Some((addr, len, id, flags)) = desc_at(slots) else {
+            return Err(Error::RecoveredChainTruncated { slots });
+        };
+        slots += 1;
+        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            if flags & VIRTQ_DESC_F_NEXT != 0 {
+                return Err(Error::IndirectWithNext);
+            }
+            if !ctx.indirect_desc {
+                return Err(Error::IndirectNotNegotiated);
+            }
+            walk_indirect(mem, ctx.hint, chain, addr, len)?;
+            return Ok((id, slots));
+        }
+        chain.count_descriptor(u32::from(size))?;
+        chain.push_buffer(mem, ctx.hint, addr, len, flags & VIRTQ_DESC_F_WRITE != 0)?;
+        if flags & VIRTQ_DESC_F_NEXT == 0 {
+            // §2.8.6: the buffer ID is in the last descriptor of the chain.
+            return Ok((id, slots));
+        }
+    }
 }

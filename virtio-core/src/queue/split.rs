@@ -176,9 +176,31 @@ impl SplitRing {
         if self.in_flight >= size {
             return Err(Error::TooManyInFlight(size));
         }
-        if self.heads_in_flight[usize::from(head / 64)] & (1 << (head % 64)) != 0 {
+        if self.head_is_in_flight(head) {
             return Err(Error::HeadInUse(head));
         }
+        self.walk_chain(ctx, head, chain)?;
+        self.next_avail += 1;
+        self.in_flight += 1;
+        self.heads_in_flight[usize::from(head / 64)] |= 1 << (head % 64);
+        Ok(true)
+    }
+
+    #[inline(always)]
+    fn head_is_in_flight(&self, head: u16) -> bool {
+        self.heads_in_flight[usize::from(head / 64)] & (1 << (head % 64)) != 0
+    }
+
+    /// Walks the chain whose head descriptor is `head` (< size) into `chain` (§2.7.5):
+    /// the one walk of a split chain, for new chains and recovered ones alike.
+    #[inline]
+    fn walk_chain(
+        &self,
+        ctx: PopContext<'_>,
+        head: u16,
+        chain: &mut DescriptorChain,
+    ) -> Result<()> {
+        let size = self.size;
         chain.reset(ctx.mem);
         let mem: &GuestMemoryView = ctx.mem;
         let mut index = head;
@@ -218,10 +240,35 @@ impl SplitRing {
             index = next;
         }
         chain.set_head(head, walked);
-        self.next_avail += 1;
-        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Takes back a chain that a previous device instance popped and never completed
+    /// (vhost-user inflight recovery): walks it from `head` like a pop, and turns one of
+    /// the chains [`Self::set_base`] counted in flight with unknown heads into `head`.
+    /// The avail index does not move: the restored base already covers the chain.
+    pub(crate) fn pop_recovered_into(
+        &mut self,
+        ctx: PopContext<'_>,
+        head: u16,
+        chain: &mut DescriptorChain,
+    ) -> Result<()> {
+        if head >= self.size {
+            return Err(Error::HeadOutOfRange {
+                head,
+                size: self.size,
+            });
+        }
+        if self.head_is_in_flight(head) {
+            return Err(Error::HeadInUse(head));
+        }
+        if self.unknown_in_flight == 0 {
+            return Err(Error::RecoveredNotInFlight(head));
+        }
+        self.walk_chain(ctx, head, chain)?;
+        self.unknown_in_flight -= 1;
         self.heads_in_flight[usize::from(head / 64)] |= 1 << (head % 64);
-        Ok(true)
+        Ok(())
     }
 
     /// Takes `id` out of the in-flight set: `Some(true)` if its bit was set, `Some(false)`

@@ -53,6 +53,63 @@ const DESC_F_USED: u16 = 1 << 15;
 /// A fresh packed ring: both positions 0, both wrap counters 1.
 const PACKED_FRESH_BASE: u32 = 0x8000_8000;
 
+/// Decodes a packed ring's SET_VRING_BASE value sent in either encoding frontends use,
+/// given the flags of the ring's slot 0. Returns the base in the 32-bit encoding and,
+/// when it was not taken as sent, why.
+///
+/// vhost-user.rst gives bits 0–14 the last avail index, bit 15 the avail wrap counter,
+/// bits 16–30 the last used index and bit 31 the used wrap counter; QEMU sends and reads
+/// all 32 bits (`0x80008000` for a fresh ring). DPDK's virtio_user sends only the avail
+/// half (`0x8000` for a fresh ring) and DPDK's backend takes the used position equal to
+/// the avail one; user-mode Linux sends `0` for a fresh ring. The encodings overlap when
+/// bits 16–31 are 0, and the ring itself decides (§2.8.1: a descriptor the device used
+/// in wrap 1 has AVAIL = USED = 1; one the driver made available in wrap 0 has AVAIL = 0,
+/// USED = 1; a fresh ring has USED clear in every slot):
+///
+/// 1. bits 16–31 not 0: the 32-bit encoding, as sent;
+/// 2. bits 16–31 are 0 and the avail wrap bit 15 is set: the 16-bit encoding, used =
+///    avail. Read as 32 bits it would put the used position a wrap behind the avail
+///    one, more than a ring in flight, which no ring reaches;
+/// 3. bits 16–31 are 0, bit 15 clear, slot 0 has USED set: as sent. Either the used
+///    position really is slot 0 of wrap 0 (slot 0 then holds a descriptor the driver
+///    made available in wrap 0, or the one used last in wrap 1), or this is a 16-bit
+///    `0` after an odd number of laps, and the two readings agree;
+/// 4. bits 16–31 are 0, bit 15 clear, slot 0 has USED clear, avail index 0: a fresh ring
+///    (user-mode Linux's `0`): `0x80008000`. After any lap slot 0 would have USED set;
+/// 5. bits 16–31 are 0, bit 15 clear, slot 0 has USED clear, avail index not 0: the
+///    16-bit encoding, used = avail. Had the device really stopped using at slot 0 of
+///    wrap 0, slot 0 would hold a descriptor made available in wrap 0 (USED set).
+///
+/// A restarted backend with an inflight area takes the position from the area instead
+/// (see `PackedTracker::ring_base_after`).
+pub(crate) fn decode_packed_base(base: u32, slot0_flags: u16) -> (u32, Option<&'static str>) {
+    const AVAIL_WRAP: u32 = 1 << 15;
+    if base >> 16 != 0 {
+        return (base, None);
+    }
+    let avail = base & 0xffff;
+    let used_eq_avail = avail | (avail << 16);
+    if base & AVAIL_WRAP != 0 {
+        return (
+            used_eq_avail,
+            Some("16-bit encoding: the used position is the avail one"),
+        );
+    }
+    if slot0_flags & DESC_F_USED != 0 {
+        return (base, None);
+    }
+    if avail == 0 {
+        return (
+            PACKED_FRESH_BASE,
+            Some("a fresh ring sent without wrap counters"),
+        );
+    }
+    (
+        used_eq_avail,
+        Some("16-bit encoding: the used position is the avail one"),
+    )
+}
+
 /// Per-queue state kept by the connection.
 #[derive(Default)]
 struct QueueSlot {
@@ -828,17 +885,12 @@ impl<'a, D: Device> Connection<'a, D> {
         let queue_err = |source| Error::Queue { index: i, source };
         let mut queue = Queue::new(config, view.clone()).map_err(queue_err)?;
         let mut base = slot.base;
-        if layout == RingLayout::Packed
-            && base == 0
-            && packed_slot_flags(&queue, 0) & DESC_F_USED == 0
-        {
-            // Both wrap counters 0 at position 0 is only reachable after a full lap, when
-            // slot 0 has the USED bit set. Without it this is a fresh ring whose frontend
-            // (user-mode Linux) sent the base without the wrap bits.
-            log::info!(
-                "queue {i}: packed ring base 0 on a fresh ring taken as {PACKED_FRESH_BASE:#x}"
-            );
-            base = PACKED_FRESH_BASE;
+        if layout == RingLayout::Packed {
+            let (decoded, why) = decode_packed_base(base, packed_slot_flags(&queue, 0));
+            if let Some(why) = why {
+                log::info!("queue {i}: packed ring base {base:#x} taken as {decoded:#x} ({why})");
+            }
+            base = decoded;
         }
         queue.set_vring_base(base).map_err(queue_err)?;
 
@@ -874,11 +926,18 @@ impl<'a, D: Device> Connection<'a, D> {
                                     );
                                     queue.set_vring_base(u32::from(want)).map_err(queue_err)?;
                                 }
-                            } else {
-                                log::warn!(
-                                    "queue {i}: resubmitting packed-ring requests is not supported yet; \
-                                     they are reported to the handler only"
-                                );
+                            }
+                        }
+                        if let Tracker::Packed(p) = &t {
+                            // A packed ring's position is the area's, not the frontend's:
+                            // QEMU resends a stale base after a backend crash.
+                            if let Some(restored) = p.restored_base() {
+                                if restored != base {
+                                    log::info!(
+                                        "queue {i}: ring base {base:#x} -> {restored:#x} from the inflight area"
+                                    );
+                                    queue.set_vring_base(restored).map_err(queue_err)?;
+                                }
                             }
                         }
                         tracked = Some((t, list));
@@ -1052,4 +1111,53 @@ fn check_stream_socket(fd: &OwnedFd) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod packed_base_tests {
+    use super::decode_packed_base;
+
+    const AVAIL: u16 = 1 << 7;
+    const USED: u16 = 1 << 15;
+
+    #[test]
+    fn packed_base_with_a_used_half_is_taken_as_sent() {
+        assert_eq!(decode_packed_base(0x8000_8000, 0).0, 0x8000_8000);
+        assert_eq!(decode_packed_base(0x0003_8005, AVAIL).0, 0x0003_8005);
+        assert_eq!(decode_packed_base(0x8005_0005, USED).0, 0x8005_0005);
+    }
+
+    #[test]
+    fn packed_base_0x8000_is_dpdks_fresh_ring() {
+        let (base, why) = decode_packed_base(0x8000, AVAIL);
+        assert_eq!(base, 0x8000_8000);
+        assert!(why.is_some());
+        // Any avail position in wrap 1 without a used half is the 16-bit encoding.
+        assert_eq!(decode_packed_base(0x8007, 0).0, 0x8007_8007);
+    }
+
+    #[test]
+    fn packed_base_0_on_a_fresh_ring_has_both_wrap_counters_set() {
+        // user-mode Linux: slot 0 empty, or made available in wrap 1 (AVAIL, not USED).
+        assert_eq!(decode_packed_base(0, 0).0, 0x8000_8000);
+        assert_eq!(decode_packed_base(0, AVAIL | 1).0, 0x8000_8000);
+    }
+
+    #[test]
+    fn packed_base_0_after_a_lap_is_slot_0_of_wrap_0() {
+        // Slot 0 used in wrap 1, or made available again in wrap 0: USED set.
+        assert_eq!(decode_packed_base(0, AVAIL | USED).0, 0);
+        assert_eq!(decode_packed_base(0, USED).0, 0);
+    }
+
+    #[test]
+    fn packed_base_in_wrap_0_without_used_half_reads_slot_0() {
+        // Used in wrap 0 at slot 0 (AVAIL = USED = 0), or made available in wrap 1 again:
+        // only a 16-bit sender reaches this, with used = avail.
+        assert_eq!(decode_packed_base(5, 0).0, 0x0005_0005);
+        assert_eq!(decode_packed_base(5, AVAIL).0, 0x0005_0005);
+        // Slot 0 made available in wrap 0 and not used yet: the used position really is
+        // slot 0 of wrap 0, with 5 slots in flight.
+        assert_eq!(decode_packed_base(5, USED).0, 5);
+    }
 }

@@ -6,10 +6,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use super::error::DeviceError;
-use super::inflight::{InflightRequest, RecordedDescriptor, Tracker};
+use super::inflight::{InflightRequest, Tracker};
 use crate::chain::DescriptorChain;
+use crate::desc::PackedDescriptor;
 use crate::memory::GuestMemoryView;
-use crate::queue::{Queue, RingLayout};
+use crate::queue::{Queue, RecoveredChain, RingLayout};
 
 pub use vhost::vhost_user::message::VhostUserProtocolFeatures as ProtocolFeatures;
 
@@ -165,6 +166,8 @@ pub struct Vring {
     tracker: Option<Tracker>,
     /// Packed ring with tracking: host address of the descriptor ring.
     desc_ring: *const u8,
+    /// Requests a previous backend instance left in flight, not handed to the handler
+    /// yet; in reverse fetch order, so that `pop` takes the earliest.
     recovered: Vec<InflightRequest>,
 }
 
@@ -217,8 +220,12 @@ impl Vring {
         }
     }
 
-    pub(crate) fn set_tracker(&mut self, tracker: Tracker, recovered: Vec<InflightRequest>) {
+    /// Attaches inflight tracking. `recovered` are the requests a previous backend
+    /// instance left in flight, in fetch order: [`Self::pop_into`] hands them to the
+    /// handler before any new chain.
+    pub(crate) fn set_tracker(&mut self, tracker: Tracker, mut recovered: Vec<InflightRequest>) {
         self.tracker = Some(tracker);
+        recovered.reverse();
         self.recovered = recovered;
         self.refresh_desc_ring();
     }
@@ -283,9 +290,17 @@ impl Vring {
         self.enabled
     }
 
-    /// Chains popped and not yet returned.
+    /// Chains popped and not yet returned. Recovered requests count once they were
+    /// popped (see [`Self::pop_into`]).
     pub fn in_flight(&self) -> u16 {
-        self.queue.in_flight()
+        let pending = u16::try_from(self.recovered.len()).unwrap_or(u16::MAX);
+        self.queue.in_flight().saturating_sub(pending)
+    }
+
+    /// Requests left in flight by a previous backend instance that [`Self::pop_into`]
+    /// has not handed to the handler yet.
+    pub fn recovered_pending(&self) -> usize {
+        self.recovered.len()
     }
 
     /// True if the driver has made buffers available that were not popped yet.
@@ -296,8 +311,16 @@ impl Vring {
     /// Pops the next available chain into `chain` (reusing its buffers) and, with
     /// inflight tracking, records it before returning. `Ok(false)`: the ring is empty.
     /// An error breaks the queue.
+    ///
+    /// After a backend restart, the requests the previous instance left in flight
+    /// (inflight area) come first, in the order it fetched them (vhost-user.rst,
+    /// "Inflight I/O tracking": split by `counter`, packed likewise): each is rebuilt
+    /// and validated like a new chain, so a handler resubmits them without knowing.
     #[inline]
     pub fn pop_into(&mut self, chain: &mut DescriptorChain) -> crate::Result<bool> {
+        if !self.recovered.is_empty() {
+            return self.pop_recovered_into(chain);
+        }
         let head_slot = self.queue.next_avail();
         if !self.queue.pop_into(chain)? {
             return Ok(false);
@@ -411,142 +434,45 @@ impl Vring {
         self.queue.set_broken();
     }
 
-    /// Requests a previous backend instance left in flight, in fetch order (empty unless
-    /// the ring started with an inflight area holding them). Taking them leaves an empty
-    /// list. Split: the ring base was set so these heads count as in flight, and
-    /// completing one with [`Self::add_used`] works once the handler has resubmitted it.
-    pub fn take_inflight_requests(&mut self) -> Vec<InflightRequest> {
-        std::mem::take(&mut self.recovered)
-    }
-
-    /// Split ring: rebuilds into `chain` the chain whose head descriptor is `head` (the
-    /// [`InflightRequest::id`] of a request from [`Self::take_inflight_requests`]),
-    /// validated as a pop would, so the handler can resubmit it and later complete it with
-    /// [`Self::add_used`]. Packed rings are not supported yet.
-    pub fn resubmit_into(
-        &mut self,
-        head: u16,
-        chain: &mut DescriptorChain,
-    ) -> Result<(), DeviceError> {
-        use crate::desc::{VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
-        use crate::Error as E;
-        let cfg = *self.queue.config();
-        if cfg.layout != RingLayout::Split {
-            return Err(DeviceError::Other(format!(
-                "queue {}: resubmitting packed-ring requests is not supported yet",
+    /// Hands out the earliest recovered request (see [`Self::pop_into`]). It is already
+    /// recorded in the inflight area, with its original fetch counter.
+    #[cold]
+    fn pop_recovered_into(&mut self, chain: &mut DescriptorChain) -> crate::Result<bool> {
+        let Some(req) = self.recovered.pop() else {
+            return Ok(false);
+        };
+        let recovered = match self.queue.layout() {
+            RingLayout::Split => RecoveredChain::Split { head: req.id },
+            RingLayout::Packed => RecoveredChain::Packed {
+                descriptors: &req.descriptors,
+            },
+        };
+        if let Err(e) = self.queue.pop_recovered_into(chain, recovered) {
+            log::error!(
+                "queue {}: request {} left in flight by the previous backend instance is invalid: {e}",
+                self.index,
+                req.id
+            );
+            return Err(e);
+        }
+        log::debug!(
+            "queue {}: resubmitting request {} (fetch counter {})",
+            self.index,
+            req.id,
+            req.counter
+        );
+        if self.recovered.is_empty() {
+            log::info!(
+                "queue {}: every request left in flight by the previous backend instance was resubmitted",
                 self.index
-            )));
+            );
         }
-        let size = cfg.size;
-        if head >= size {
-            return Err(E::HeadOutOfRange { head, size }.into());
-        }
-        let mem = self.queue.memory().clone();
-        let mut hint = 0usize;
-        chain.reset(&mem);
-        let mut index = head;
-        let mut walked: u16 = 0;
-        loop {
-            if walked == size {
-                return Err(E::ChainTooLong {
-                    max: u32::from(size),
-                }
-                .into());
-            }
-            walked += 1;
-            let (addr, len, flags, next) = read_split_descriptor(&mem, cfg.desc_table, index)?;
-            if flags & VIRTQ_DESC_F_INDIRECT != 0 {
-                if flags & VIRTQ_DESC_F_NEXT != 0 {
-                    return Err(E::IndirectWithNext.into());
-                }
-                if !cfg.indirect_desc {
-                    return Err(E::IndirectNotNegotiated.into());
-                }
-                let table = crate::queue::IndirectTable::new(&mem, &mut hint, addr, len)?;
-                let mut i: u32 = 0;
-                let mut seen: u32 = 0;
-                loop {
-                    if seen == table.entries {
-                        return Err(E::ChainTooLong { max: table.entries }.into());
-                    }
-                    seen += 1;
-                    let (baddr, blen, bflags, bnext) = table.entry(i, &mut hint)?;
-                    if bflags & VIRTQ_DESC_F_INDIRECT != 0 {
-                        return Err(E::NestedIndirect.into());
-                    }
-                    chain.count_descriptor(u32::MAX)?;
-                    chain.push_buffer(
-                        &mem,
-                        &mut hint,
-                        baddr,
-                        blen,
-                        bflags & VIRTQ_DESC_F_WRITE != 0,
-                    )?;
-                    if bflags & VIRTQ_DESC_F_NEXT == 0 {
-                        break;
-                    }
-                    if u32::from(bnext) >= table.entries {
-                        return Err(E::NextOutOfRange {
-                            index: u16::try_from(i).unwrap_or(u16::MAX),
-                            next: bnext,
-                            table_len: table.entries,
-                        }
-                        .into());
-                    }
-                    i = u32::from(bnext);
-                }
-                break;
-            }
-            chain.count_descriptor(u32::from(size))?;
-            chain.push_buffer(&mem, &mut hint, addr, len, flags & VIRTQ_DESC_F_WRITE != 0)?;
-            if flags & VIRTQ_DESC_F_NEXT == 0 {
-                break;
-            }
-            if next >= size {
-                return Err(E::NextOutOfRange {
-                    index,
-                    next,
-                    table_len: u32::from(size),
-                }
-                .into());
-            }
-            index = next;
-        }
-        chain.set_head(head, walked);
-        Ok(())
+        Ok(true)
     }
-}
-
-/// Reads split descriptor `index` of the table at guest address `table`:
-/// (addr, len, flags, next).
-fn read_split_descriptor(
-    mem: &GuestMemoryView,
-    table: u64,
-    index: u16,
-) -> crate::Result<(u64, u32, u16, u16)> {
-    let gpa = table + 16 * u64::from(index);
-    let host = mem
-        .translate(gpa, 16, &mut 0)
-        .ok_or(crate::Error::BufferOutsideMemory { addr: gpa, len: 16 })?;
-    // SAFETY: `host..host + 16` is mapped guest memory (checked by `translate`); the table
-    // is 16-aligned in guest and host memory (checked when the queue was created), so
-    // both u64 loads are aligned. Volatile: the driver owns the memory.
-    let raw = unsafe {
-        [
-            host.cast::<u64>().read_volatile(),
-            host.cast::<u64>().add(1).read_volatile(),
-        ]
-    };
-    Ok(crate::queue::ring_mem::decode_descriptor(raw))
 }
 
 /// Reads descriptor `k` of a packed chain whose head is at `head_slot`.
-fn read_packed_descriptor(
-    ring: *const u8,
-    size: u16,
-    head_slot: u16,
-    k: u16,
-) -> RecordedDescriptor {
+fn read_packed_descriptor(ring: *const u8, size: u16, head_slot: u16, k: u16) -> PackedDescriptor {
     let slot = (u32::from(head_slot) + u32::from(k)) % u32::from(size.max(1));
     let off = slot as usize * 16;
     // SAFETY: `ring` is the host address of the packed descriptor ring, `16 * size` bytes
@@ -555,7 +481,7 @@ fn read_packed_descriptor(
     // The fields are read with volatile loads because the driver owns the memory.
     unsafe {
         let p = ring.add(off);
-        RecordedDescriptor {
+        PackedDescriptor {
             addr: u64::from_le(p.cast::<u64>().read_volatile()),
             len: u32::from_le(p.add(8).cast::<u32>().read_volatile()),
             id: u16::from_le(p.add(12).cast::<u16>().read_volatile()),

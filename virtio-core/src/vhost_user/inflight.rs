@@ -22,6 +22,7 @@ use std::sync::atomic::{compiler_fence, Ordering};
 use std::sync::Arc;
 
 use super::error::{Error, Result};
+use crate::desc::PackedDescriptor;
 use crate::queue::RingLayout;
 
 /// Alignment of each queue's region (as DPDK and libvhost-user use).
@@ -102,7 +103,7 @@ pub fn queue_stride(queue_size: u16) -> u64 {
 /// A request found in flight when a ring started with an inflight area left by a previous
 /// backend instance: it was popped and never completed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InflightRequest {
+pub(crate) struct InflightRequest {
     /// Split: the head descriptor index. Packed: the buffer ID.
     pub id: u16,
     /// Fetch order: requests must be resubmitted in increasing `counter` order.
@@ -110,20 +111,7 @@ pub struct InflightRequest {
     /// Packed: the chain's ring descriptors as recorded when it was popped (the ring
     /// slots may have been overwritten since). Split: empty (the descriptor table still
     /// holds the chain, reachable from `id`).
-    pub descriptors: Vec<RecordedDescriptor>,
-}
-
-/// A packed ring descriptor as recorded in the inflight area.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RecordedDescriptor {
-    /// Buffer address.
-    pub addr: u64,
-    /// Buffer length.
-    pub len: u32,
-    /// Buffer ID field.
-    pub id: u16,
-    /// Descriptor flags.
-    pub flags: u16,
+    pub descriptors: Vec<PackedDescriptor>,
 }
 
 /// A mapping of an inflight area.
@@ -565,6 +553,9 @@ pub(crate) struct PackedTracker {
     entry_of_id: Box<[u16]>,
     disabled: bool,
     index: u16,
+    /// The ring base (vhost-user encoding) the area says the ring is at, when `attach`
+    /// recovered a region left by a previous backend instance.
+    restored_base: Option<u32>,
 }
 
 const NONE: u16 = u16::MAX;
@@ -614,6 +605,7 @@ impl PackedTracker {
             entry_of_id: vec![NONE; 1 << 16].into_boxed_slice(),
             disabled: false,
             index,
+            restored_base: None,
         };
         let version = t.area.get_u16(packed::VERSION);
         let desc_num = t.area.get_u16(packed::DESC_NUM);
@@ -627,9 +619,17 @@ impl PackedTracker {
             t.init(used);
             return Ok((t, Vec::new()));
         }
-        match t.recover(&ring_flags) {
-            Ok(list) => Ok((t, list)),
+        let recovered = t.recover(&ring_flags).and_then(|list| {
+            let base = t.ring_base_after(&list)?;
+            Ok((list, base))
+        });
+        match recovered {
+            Ok((list, base)) => {
+                t.restored_base = Some(base);
+                Ok((t, list))
+            }
             Err(why) => {
+                t.entry_of_id.fill(NONE);
                 log::error!(
                     "queue {index}: inflight region is inconsistent ({why}); reinitialising it"
                 );
@@ -637,6 +637,42 @@ impl PackedTracker {
                 Ok((t, Vec::new()))
             }
         }
+    }
+
+    /// The ring base a recovered region implies, in the vhost-user encoding: the used
+    /// position is the area's (committed) `used_idx`/`used_wrap_counter`, and since every
+    /// popped chain is either used or still in flight, the avail position is that many
+    /// ring slots further: the slots of the chains in `list`.
+    ///
+    /// This is what a restarted backend must go on from. A frontend cannot know it:
+    /// QEMU restarts a packed ring from the last base it was told (it keeps no used index
+    /// for packed rings), which is stale after a crash.
+    fn ring_base_after(&self, list: &[InflightRequest]) -> std::result::Result<u32, String> {
+        let a = &self.area;
+        let used_idx = a.get_u16(packed::USED_IDX);
+        let used_wrap = a.get_u8(packed::USED_WRAP) != 0;
+        let slots: usize = list.iter().map(|r| r.descriptors.len()).sum();
+        let size = usize::from(self.size);
+        if slots > size {
+            return Err(format!("{slots} ring slots in flight in a ring of {size}"));
+        }
+        let mut avail = usize::from(used_idx) + slots;
+        let mut avail_wrap = used_wrap;
+        if avail >= size {
+            avail -= size;
+            avail_wrap = !avail_wrap;
+        }
+        let avail = u32::try_from(avail).map_err(|_| "avail index out of range".to_string())?;
+        Ok(avail
+            | (u32::from(avail_wrap) << 15)
+            | (u32::from(used_idx) << 16)
+            | (u32::from(used_wrap) << 31))
+    }
+
+    /// The ring base the recovered region implies (see [`Self::ring_base_after`]);
+    /// `None` if the region was fresh or reinitialised.
+    pub fn restored_base(&self) -> Option<u32> {
+        self.restored_base
     }
 
     /// The documented reconnect procedure.
@@ -697,7 +733,7 @@ impl PackedTracker {
                 if d >= size {
                     return Err(format!("chain of entry {e} leaves the region at {d}"));
                 }
-                descriptors.push(RecordedDescriptor {
+                descriptors.push(PackedDescriptor {
                     addr: a.get_u64(Self::desc(d, packed::D_ADDR)),
                     len: a.get_u32(Self::desc(d, packed::D_LEN)),
                     id: a.get_u16(Self::desc(d, packed::D_ID)),
@@ -741,7 +777,7 @@ impl PackedTracker {
     /// Records a popped chain of `slots` ring descriptors; `desc_at(k)` returns the
     /// k-th descriptor of the chain (addr, len, id, flags) as read from the ring.
     #[inline]
-    pub fn on_pop(&mut self, slots: u16, id: u16, desc_at: impl Fn(u16) -> RecordedDescriptor) {
+    pub fn on_pop(&mut self, slots: u16, id: u16, desc_at: impl Fn(u16) -> PackedDescriptor) {
         if self.disabled || slots == 0 {
             return;
         }
@@ -971,8 +1007,8 @@ pub(crate) mod tests {
         assert!(u64_at(&b, d(7)) > u64_at(&b, d(2)));
     }
 
-    fn packed_desc(k: u16, id: u16, slots: u16) -> RecordedDescriptor {
-        RecordedDescriptor {
+    fn packed_desc(k: u16, id: u16, slots: u16) -> PackedDescriptor {
+        PackedDescriptor {
             addr: 0x1000 * u64::from(id) + u64::from(k),
             len: 100 + u32::from(k),
             id,

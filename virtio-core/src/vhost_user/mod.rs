@@ -113,7 +113,6 @@ pub use backend_channel::ConfigNotifier;
 pub use conventions::{BackendArgs, Capabilities, ConventionError};
 pub use device::{Device, Processed, ProtocolFeatures, QueueContext, QueueHandler, Vring};
 pub use error::{DeviceError, Error};
-pub use inflight::{InflightRequest, RecordedDescriptor};
 pub use server::{FrontendSocket, Server, ServerConfig, ShutdownHandle};
 
 /// VHOST_USER_F_PROTOCOL_FEATURES: the virtio feature bit (30) vhost-user reuses to

@@ -309,9 +309,14 @@ impl TestRing {
 
     /// Configures and starts the ring through `fe` (QEMU's order).
     fn setup(&self, fe: &mut Frontend, mem: &GuestMem) {
+        self.setup_with_base(fe, mem, 0);
+    }
+
+    /// [`Self::setup`] with a SET_VRING_BASE value of `base`.
+    fn setup_with_base(&self, fe: &mut Frontend, mem: &GuestMem, base: u16) {
         let i = usize::from(self.index);
         fe.set_vring_num(i, QSIZE).unwrap();
-        fe.set_vring_base(i, 0).unwrap();
+        fe.set_vring_base(i, base).unwrap();
         fe.set_vring_addr(i, &self.config_data(mem)).unwrap();
         fe.set_vring_kick(i, &self.kick).unwrap();
         fe.set_vring_call(i, &self.call).unwrap();
@@ -1006,10 +1011,18 @@ fn inflight_packed_set_and_cleared() {
     inflight_test(RingLayout::Packed);
 }
 
-#[test]
-fn inflight_split_requests_found_after_a_backend_restart() {
-    // First instance: pops two chains and "dies" (disconnect while they are held; the
-    // drain times out quickly) — the inflight area keeps them.
+/// A backend restart with requests in flight: the first instance completes one chain,
+/// pops two more and dies holding them; the frontend keeps the inflight area and restarts
+/// the ring on a new instance with a base that does not cover them (split: the used
+/// index, what QEMU sends when GET_VRING_BASE failed; packed: the base it first sent,
+/// since QEMU keeps no used index for packed rings). The new instance's handler gets the
+/// two through its ordinary pop, first and in fetch order, and new chains follow.
+fn restart_resubmits_inflight_requests(layout: RingLayout) {
+    let extra = if layout == RingLayout::Packed {
+        RING_PACKED
+    } else {
+        0
+    };
     let device = TestDevice::new(true);
     let mem = default_mem();
     let config = ServerConfig {
@@ -1017,13 +1030,18 @@ fn inflight_split_requests_found_after_a_backend_restart() {
         ..ServerConfig::default()
     };
     let (mut fe, _n, t) = spawn_server(device.clone(), config.clone());
-    negotiate(&mut fe, 0, &mem);
+    negotiate(&mut fe, extra, &mem);
     let (info, file) = fe
         .get_inflight_fd(&VhostUserInflight::new(0, 0, 2, QSIZE))
         .unwrap();
     fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
-    let mut ring = TestRing::new(0, RingLayout::Split, &mem);
+    let mut ring = TestRing::new(0, layout, &mem);
     ring.setup(&mut fe, &mem);
+    let at_done = ring.next_buf;
+    let done = ring.send(&mem, b"completed before the crash");
+    device.wait_held(1);
+    device.complete(0);
+    ring.receive(&mem, done, b"completed before the crash", at_done);
     let at_a = ring.next_buf;
     let a = ring.send(&mem, b"lost one");
     let at_b = ring.next_buf;
@@ -1032,77 +1050,80 @@ fn inflight_split_requests_found_after_a_backend_restart() {
     drop(fe);
     t.join().unwrap().unwrap();
 
-    // Second instance: the frontend hands the area back and restarts the ring from the
-    // used index (what QEMU does when GET_VRING_BASE failed).
-    let device2 = Arc::new(RecoveringDevice::default());
-    let recovered_slot = device2.recovered.clone();
-    let (a2, b2) = UnixStream::pair().unwrap();
-    let mut server = Server::new(FrontendSocket::Connected(b2), device2.clone(), config).unwrap();
-    let t = std::thread::spawn(move || server.serve());
-    let mut fe = Frontend::from_stream(a2, 8);
-    negotiate(&mut fe, 0, &mem);
+    // Second instance: an echo device that knows nothing of recovery.
+    let device2 = TestDevice::new(false);
+    let (mut fe, _n, t) = spawn_server(device2.clone(), config);
+    negotiate(&mut fe, extra, &mem);
     fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
     ring.kick = EventFd::new(EFD_NONBLOCK).unwrap();
     ring.setup(&mut fe, &mem);
-    wait_until("queue started", || recovered_slot.lock().unwrap().is_some());
-    let recovered = recovered_slot.lock().unwrap().clone().unwrap();
-    let ids: Vec<u16> = recovered.iter().map(|r| r.id).collect();
-    assert_eq!(ids, vec![a, b], "in-flight heads in fetch order");
-    // The handler resubmitted and completed them.
+    // Resubmitted first, in fetch order, exactly once.
     ring.receive(&mem, a, b"lost one", at_a);
     ring.receive(&mem, b, b"lost two", at_b);
-    // The ring base covered them: 2, although the frontend restarted the ring at 0.
-    assert_eq!(fe.get_vring_base(0).unwrap(), 2);
+    let at_c = ring.next_buf;
+    let c = ring.send(&mem, b"after the restart");
+    ring.receive(&mem, c, b"after the restart", at_c);
+    assert_eq!(
+        ring.driver.pop_used(&mem.mem).unwrap(),
+        None,
+        "no duplicates"
+    );
+    // The ring went on from where the first instance stopped: four chains popped.
+    let base = fe.get_vring_base(0).unwrap();
+    let expected = match layout {
+        RingLayout::Split => 4,
+        // Four 2-descriptor chains: slot 8 of wrap 1 for both positions.
+        RingLayout::Packed => 8 | 1 << 15 | 8 << 16 | 1 << 31,
+    };
+    assert_eq!(base, expected, "ring base after recovery");
     drop(fe);
     t.join().unwrap().unwrap();
 }
 
-/// A device whose queue only reports the requests recovered from the inflight area.
-#[derive(Default)]
-struct RecoveringDevice {
-    recovered: Arc<Mutex<Option<Vec<InflightRequest>>>>,
+#[test]
+fn restart_resubmits_inflight_requests_split() {
+    restart_resubmits_inflight_requests(RingLayout::Split);
 }
 
-struct RecoveringQueue {
-    out: Arc<Mutex<Option<Vec<InflightRequest>>>>,
+#[test]
+fn restart_resubmits_inflight_requests_packed() {
+    restart_resubmits_inflight_requests(RingLayout::Packed);
 }
 
-impl QueueHandler for RecoveringQueue {
-    fn process(&mut self, vring: &mut Vring) -> Result<Processed, DeviceError> {
-        let mut out = self.out.lock().unwrap();
-        if out.is_none() {
-            let list = vring.take_inflight_requests();
-            // Resubmit in fetch order: rebuild each chain and complete it.
-            let mut chain = DescriptorChain::new();
-            for r in &list {
-                vring.resubmit_into(r.id, &mut chain)?;
-                echo(&chain, vring)?;
-            }
-            *out = Some(list);
-        }
-        Ok(Processed::Empty)
+/// DPDK's virtio_user sends a packed base in 16 bits: `0x8000` for a fresh ring, and
+/// after a stop only the avail half of what GET_VRING_BASE answered. Both must leave the
+/// used position equal to the avail one, or completions carry the wrong wrap counter and
+/// the driver never sees them.
+#[test]
+fn packed_ring_base_in_16_bits_serves_requests_and_restarts() {
+    let device = TestDevice::new(false);
+    let mem = default_mem();
+    let (mut fe, _n, t) = spawn_server(device.clone(), ServerConfig::default());
+    negotiate(&mut fe, RING_PACKED, &mem);
+    let mut ring = TestRing::new(0, RingLayout::Packed, &mem);
+    ring.setup_with_base(&mut fe, &mem, 0x8000);
+    // More than a lap, so the restart below happens in wrap 0.
+    for k in 0..QSIZE / 2 + 3 {
+        let data = format!("request {k}");
+        let at = ring.next_buf;
+        let id = ring.send(&mem, data.as_bytes());
+        ring.receive(&mem, id, data.as_bytes(), at);
     }
-}
-
-impl Device for RecoveringDevice {
-    type Handler = RecoveringQueue;
-    fn features(&self) -> u64 {
-        VERSION_1 | EVENT_IDX | INDIRECT
+    // GET_VRING_BASE answers all 32 bits: 11 chains of 2 slots = 22 = 6 into wrap 0.
+    let base = fe.get_vring_base(0).unwrap();
+    assert_eq!(base, 6 | 6 << 16);
+    // Restart as DPDK does, with the avail half only.
+    ring.kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    ring.setup_with_base(&mut fe, &mem, u16::try_from(base & 0xffff).unwrap());
+    for k in 0..3 {
+        let data = format!("after restart {k}");
+        let at = ring.next_buf;
+        let id = ring.send(&mem, data.as_bytes());
+        ring.receive(&mem, id, data.as_bytes(), at);
     }
-    fn protocol_features(&self) -> ProtocolFeatures {
-        ProtocolFeatures::INFLIGHT_SHMFD
-    }
-    fn num_queues(&self) -> u16 {
-        2
-    }
-    fn max_queue_size(&self) -> u16 {
-        256
-    }
-    fn start_queue(&self, _ctx: &QueueContext) -> Result<RecoveringQueue, DeviceError> {
-        Ok(RecoveringQueue {
-            out: self.recovered.clone(),
-        })
-    }
+    assert_eq!(fe.get_vring_base(0).unwrap(), 12 | 12 << 16);
+    drop(fe);
+    t.join().unwrap().unwrap();
 }
 
 #[test]
