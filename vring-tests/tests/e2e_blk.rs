@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use vring_tests::e2e::blk::{
     host_program_files, seq_pattern, seq_pattern_cmd, spawn_qsd_blk, spawn_vhost_user_blk,
-    GuestFile,
+    GuestFile, ThrottledFile,
 };
 use vring_tests::e2e::{BackgroundProcess, GuestKernel, Initramfs, QemuVm, TempDir, VmOutput};
 
@@ -114,6 +114,9 @@ struct DiskOpts {
     /// The test needs discards to deallocate (qsd: `discard=unmap`, which
     /// slows its writes down; our daemon always does).
     unmap: bool,
+    /// Serve the image through a [`ThrottledFile`] of this many writes per
+    /// second, so that writes stay in flight in the backend for a while.
+    write_iops: Option<u32>,
 }
 
 impl Default for DiskOpts {
@@ -122,6 +125,7 @@ impl Default for DiskOpts {
             read_only: false,
             num_queues: 1,
             unmap: false,
+            write_iops: None,
         }
     }
 }
@@ -137,8 +141,21 @@ struct Disk {
     image: PathBuf,
     socket: PathBuf,
     backend: Option<BackgroundProcess>,
+    /// Arguments our daemon was started with (after `--socket-path`).
+    backend_args: Vec<OsString>,
+    /// The throttled view of the image the backend serves, if any.
+    throttled: Option<ThrottledFile>,
     /// Image contents at start (prefill over zeros).
     initial: Vec<u8>,
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        // The backend first (it may have the throttled file open), then the
+        // throttled file's mount, and only then the temp dir holding both.
+        drop(self.backend.take());
+        drop(self.throttled.take());
+    }
 }
 
 impl Disk {
@@ -160,15 +177,25 @@ impl Disk {
             }
             must(f.sync_all(), "syncing the image");
         }
+        let throttled = opts.write_iops.map(|iops| {
+            ThrottledFile::start(&image, &tmp.path().join("slow.img"), iops)
+                .unwrap_or_else(|e| panic!("{e}"))
+        });
+        let served = throttled
+            .as_ref()
+            .map_or(image.clone(), |t| t.path().to_path_buf());
+        let mut backend_args: Vec<OsString> = Vec::new();
         let backend = match kind {
             BackendKind::Ours => {
-                let mut args: Vec<OsString> = vec!["--blk-file".into(), image.clone().into()];
+                let mut args: Vec<OsString> = vec!["--blk-file".into(), served.into()];
                 if opts.read_only {
                     args.push("--read-only".into());
                 }
                 args.push("--num-queues".into());
                 args.push(opts.num_queues.to_string().into());
-                Some(spawn_vhost_user_blk(&socket, &args).unwrap_or_else(|e| panic!("{e}")))
+                let p = spawn_vhost_user_blk(&socket, &args).unwrap_or_else(|e| panic!("{e}"));
+                backend_args = args;
+                Some(p)
             }
             BackendKind::Qsd => Some(
                 spawn_qsd_blk(
@@ -200,8 +227,33 @@ impl Disk {
             image,
             socket,
             backend,
+            backend_args,
+            throttled,
             initial,
         }
+    }
+
+    /// Kills our daemon with SIGKILL (no chance to finish anything), waits
+    /// until it is gone, starts it again on the same socket with the same
+    /// arguments, and returns the killed instance's log.
+    fn kill_and_restart_backend(&mut self) -> String {
+        let Some(mut old) = self.backend.take() else {
+            panic!("{}: no backend process to restart", self.name);
+        };
+        if let Some(pid) = old.pid().and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: kill(2) has no memory effects; `pid` is our unreaped child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        match old.wait_timeout(Duration::from_secs(10)) {
+            Ok(Some(_)) => {}
+            other => panic!("{}: the killed backend did not exit: {other:?}", self.name),
+        }
+        let log = old.log();
+        self.backend = Some(
+            spawn_vhost_user_blk(&self.socket, &self.backend_args)
+                .unwrap_or_else(|e| panic!("{}: restarting the backend: {e}", self.name)),
+        );
+        log
     }
 
     /// A VM with this disk as its only device, using `ring`.
@@ -211,6 +263,11 @@ impl Disk {
         let nq = self.opts.num_queues;
         let packed = ring.qemu_opt();
         match self.kind {
+            BackendKind::Ours if self.opts.write_iops.is_some() => vm
+                .chardev_socket_reconnect("c0", &self.socket, 500)
+                .device(&format!(
+                    "vhost-user-blk-pci,chardev=c0,num-queues={nq},packed={packed}"
+                )),
             BackendKind::Ours | BackendKind::Qsd => vm.chardev_socket("c0", &self.socket).device(
                 &format!("vhost-user-blk-pci,chardev=c0,num-queues={nq},packed={packed}"),
             ),
@@ -1218,4 +1275,150 @@ kv resized "$(cat /sys/block/vda/size)"
     };
     assert_eq!(kv_u64(&disk, &out, "resized"), new_sectors as u64);
     finished(name, t0);
+}
+
+// ---------------------------------------------------------------------------
+// Crash recovery: the backend is killed (SIGKILL) twice in the middle of the
+// guest's writes and restarted on the same socket; QEMU reconnects
+// (`reconnect-ms`) and hands the new instance the inflight area, which
+// resubmits the requests the killed one left in flight. The guest never sees
+// an error and reads back exactly what it wrote.
+// ---------------------------------------------------------------------------
+
+/// Parallel O_DIRECT writers in the guest, and 64 KiB blocks each writes.
+const RESTART_WRITERS: usize = 16;
+const RESTART_BLOCKS: usize = 8;
+const RESTART_LEN: usize = RESTART_WRITERS * RESTART_BLOCKS * 64 * KIB;
+const RESTART_START: u32 = 4_000_000;
+/// Writes per second the image takes: 128 writes take several seconds, so
+/// requests are in flight in the backend whenever it is killed.
+const RESTART_WRITE_IOPS: u32 = 20;
+const RESTART_KILLS: usize = 2;
+
+/// The number of requests the restarted backend's log says the killed one
+/// left in flight (queue 0), once the ring started; `None` if it started
+/// without any.
+fn recovered_requests(log: &str) -> Option<u64> {
+    log.lines().find_map(|l| {
+        let rest = l.split("queue 0: ").nth(1)?;
+        let n = rest.strip_suffix(" requests left in flight by a previous backend instance")?;
+        n.trim().parse().ok()
+    })
+}
+
+fn case_restart_recovers_inflight_writes(ring: Ring) {
+    let name = format!("restart_recovery({ring:?})");
+    let t0 = Instant::now();
+    let opts = DiskOpts {
+        write_iops: Some(RESTART_WRITE_IOPS),
+        ..DiskOpts::default()
+    };
+    let mut disk = Disk::new(&name, "blkrestart", opts, &[]);
+    if disk.kind != BackendKind::Ours {
+        eprintln!("{name}: only our daemon is restarted by this case; skipped");
+        return;
+    }
+    let kernel = kernel();
+    let script = format!(
+        r#"step "pattern of {RESTART_LEN} bytes"
+{pat} > /tmp/pat
+echo E2E-WRITING
+step "{RESTART_WRITERS} parallel O_DIRECT writers"
+pids=""
+for i in $(seq 0 {last}); do
+    dd if=/tmp/pat of=/dev/vda bs=64k skip=$(( i * {RESTART_BLOCKS} )) seek=$(( i * {RESTART_BLOCKS} )) count={RESTART_BLOCKS} oflag=direct conv=notrunc 2>/tmp/dd$i.err &
+    pids="$pids $!"
+done
+for p in $pids; do wait $p || {{ cat /tmp/dd*.err; fail "a writer failed"; }}; done
+step "writes done"
+dd if=/dev/vda of=/tmp/back bs=64k count={blocks} iflag=direct 2>/tmp/dd.err || {{ cat /tmp/dd.err; fail "reading back failed"; }}
+cmp /tmp/pat /tmp/back || fail "the read-back differs from what was written"
+"#,
+        pat = seq_pattern_cmd(RESTART_START, RESTART_LEN),
+        last = RESTART_WRITERS - 1,
+        blocks = RESTART_WRITERS * RESTART_BLOCKS,
+    );
+    let vm = disk
+        .vm(&kernel, &initramfs(&kernel, &script), ring, 1)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    if let Err(e) = vm.wait_for_output("E2E-WRITING", VM_TIMEOUT) {
+        let log = vm.kill();
+        disk.fail(&format!("the guest never started writing: {e}"), &log);
+    }
+    let mut recovered = Vec::new();
+    for kill in 1..=RESTART_KILLS {
+        // Let the writers fill the backend with requests.
+        std::thread::sleep(Duration::from_millis(1500));
+        let old_log = disk.kill_and_restart_backend();
+        eprintln!("{name}: kill {kill}: backend killed and restarted");
+        // Wait until QEMU reconnected and the ring runs on the new instance.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = disk.backend_log();
+            if log.contains("queue 0: started (") {
+                match recovered_requests(&log) {
+                    Some(n) if n > 0 => {
+                        eprintln!(
+                            "{name}: kill {kill}: {n} requests were in flight and were recovered"
+                        );
+                        recovered.push(n);
+                        break;
+                    }
+                    _ => {
+                        let log = vm.kill();
+                        disk.fail(
+                            &format!(
+                                "kill {kill}: the restarted backend found no request in flight, so \
+                                 the kill proved nothing\n----- killed instance's log -----\n{old_log}"
+                            ),
+                            &log,
+                        );
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                let log = vm.kill();
+                disk.fail(
+                    &format!("kill {kill}: QEMU did not restart the ring on the new backend"),
+                    &log,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let out = match vm.wait() {
+        Ok(out) if out.success() => out,
+        Ok(out) => disk.fail(
+            &format!("guest script failed (E2E-EXIT={})", out.exit_code),
+            &out.log,
+        ),
+        Err(e) => disk.fail(&format!("VM run failed: {e}"), e.log().unwrap_or("")),
+    };
+    disk.check_ring(&out, ring);
+    let backend_log = disk.backend_log();
+    if !backend_log
+        .contains("every request left in flight by the previous backend instance was resubmitted")
+    {
+        disk.fail(
+            "the last instance did not resubmit every recovered request",
+            &out.log,
+        );
+    }
+    let pattern = seq_pattern(RESTART_START, RESTART_LEN);
+    disk.check_image(&[(0, &pattern)], &out.log);
+    eprintln!("{name}: requests in flight at each kill, all completed: {recovered:?}");
+    finished(&name, t0);
+}
+
+/// A backend killed twice mid-write (split ring) loses no write.
+#[test]
+fn restart_recovers_inflight_writes_split() {
+    case_restart_recovers_inflight_writes(Ring::Split);
+}
+
+/// A backend killed twice mid-write (packed ring) loses no write.
+#[test]
+fn restart_recovers_inflight_writes_packed() {
+    case_restart_recovers_inflight_writes(Ring::Packed);
 }

@@ -138,6 +138,92 @@ pub fn spawn_qsd_blk(
     Ok(process)
 }
 
+/// A disk image whose writes are slow, for tests that need requests in flight in the
+/// backend at a chosen moment: `qemu-storage-daemon` exports `image` through a throttle
+/// group of `write_iops` write operations per second, over FUSE, as the regular file
+/// [`Self::path`] that a backend serves. Reads are not throttled. Dropping it stops
+/// qemu-storage-daemon, which unmounts the file (lazily unmounted here if not).
+pub struct ThrottledFile {
+    process: Option<BackgroundProcess>,
+    mountpoint: PathBuf,
+}
+
+impl ThrottledFile {
+    /// Starts the export at `mountpoint` (created as an empty file) and waits (up to
+    /// 10 s) until it is mounted.
+    pub fn start(image: &Path, mountpoint: &Path, write_iops: u32) -> Result<Self> {
+        let qsd = qemu_storage_daemon_binary()?;
+        std::fs::File::create(mountpoint)
+            .map_err(|e| E2eError::io(format!("creating {}", mountpoint.display()), e))?;
+        let esc = |p: &Path| p.to_string_lossy().replace(',', ",,");
+        let mut cmd = Command::new(qsd);
+        cmd.arg("--blockdev")
+            .arg(format!("driver=file,node-name=f0,filename={}", esc(image)))
+            .arg("--object")
+            .arg(format!("throttle-group,id=tg0,x-iops-write={write_iops}"))
+            .arg("--blockdev")
+            .arg("driver=throttle,throttle-group=tg0,file=f0,node-name=t0")
+            .arg("--export")
+            .arg(format!(
+                "type=fuse,id=e0,node-name=t0,mountpoint={},writable=on",
+                esc(mountpoint)
+            ));
+        let process = BackgroundProcess::spawn("qemu-storage-daemon (throttled FUSE)", cmd)?;
+        let mut me = ThrottledFile {
+            process: Some(process),
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        let deadline = std::time::Instant::now() + SOCKET_TIMEOUT;
+        while !me.mounted() {
+            if let Some(p) = me.process.as_mut() {
+                if let Some(status) = p.try_wait()? {
+                    return Err(E2eError::Setup(format!(
+                        "qemu-storage-daemon exited ({status}) before mounting {}:\n{}",
+                        mountpoint.display(),
+                        p.log()
+                    )));
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(E2eError::Setup(format!(
+                    "{} was not mounted within {SOCKET_TIMEOUT:?}",
+                    mountpoint.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(me)
+    }
+
+    /// The throttled file.
+    pub fn path(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    fn mounted(&self) -> bool {
+        let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+            return false;
+        };
+        let want = self.mountpoint.to_string_lossy();
+        info.lines()
+            .any(|l| l.split_whitespace().nth(4) == Some(want.as_ref()))
+    }
+}
+
+impl Drop for ThrottledFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.process.take() {
+            let _ = p.stop();
+        }
+        if self.mounted() {
+            if let Ok(c) = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()) {
+                // SAFETY: umount2 with a valid NUL-terminated path has no memory effects.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
 /// A file to add to the guest initramfs (see
 /// [`super::Initramfs::file`]): absolute guest path, contents, mode.
 pub type GuestFile = (String, Vec<u8>, u32);

@@ -208,6 +208,18 @@ impl QemuVm {
         self.args(["-chardev", &spec])
     }
 
+    /// [`Self::chardev_socket`] with `reconnect-ms=<ms>`: when the backend goes away,
+    /// QEMU keeps the device and connects again every `ms` milliseconds (how a VM
+    /// survives a backend restart).
+    pub fn chardev_socket_reconnect(self, id: &str, path: &Path, ms: u32) -> Self {
+        let spec = format!(
+            "socket,id={},path={},reconnect-ms={ms}",
+            qemu_opt_escape(id),
+            qemu_opt_escape(&path.to_string_lossy())
+        );
+        self.args(["-chardev", &spec])
+    }
+
     /// Adds `-device <spec>`, e.g.
     /// `vhost-user-blk-pci,chardev=c0,num-queues=1`.
     pub fn device(self, spec: &str) -> Self {
