@@ -196,6 +196,16 @@ impl DriverQueue {
         }
     }
 
+    /// Split: the used ring's `idx` as the device last published it in guest memory (what
+    /// QEMU restarts a split ring from when the backend died: it could not ask for the
+    /// ring base). Packed: the device's used slot index the driver last saw.
+    pub fn used_idx<M: GuestMemoryBackend>(&self, mem: &M) -> Result<u16, DriverError> {
+        match self.layout {
+            RingLayout::Split => Self::load_u16_acquire(mem, self.device_area + 2),
+            RingLayout::Packed => Ok(self.next_used),
+        }
+    }
+
     fn write<T: vm_memory::ByteValued, M: GuestMemoryBackend>(
         mem: &M,
         addr: u64,

@@ -44,12 +44,14 @@ mod raw;
 pub mod stats;
 mod workload;
 
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VringConfigData};
 use virtio_core::driver::{DriverError, DriverQueue};
@@ -244,6 +246,13 @@ pub struct FrontendOptions {
     pub completion: CompletionMode,
     /// How long to wait for a reply or a completion before giving up.
     pub timeout: Duration,
+    /// Negotiate VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD when offered and hand the backend
+    /// an inflight area (GET_INFLIGHT_FD, SET_INFLIGHT_FD), kept across
+    /// [`BlkFrontend::reconnect`] as QEMU keeps it across a backend restart.
+    pub inflight: bool,
+    /// Send a packed ring's SET_VRING_BASE in 16 bits, as DPDK's virtio_user does
+    /// (`0x8000` for a fresh ring), instead of QEMU's 32 bits (`0x80008000`).
+    pub packed_base_16bit: bool,
 }
 
 impl Default for FrontendOptions {
@@ -259,6 +268,8 @@ impl Default for FrontendOptions {
             max_block_size: 64 * 1024,
             completion: CompletionMode::Interrupt,
             timeout: Duration::from_secs(10),
+            inflight: false,
+            packed_base_16bit: false,
         }
     }
 }
@@ -299,9 +310,21 @@ pub struct BlkFrontend {
     fe: Frontend,
     /// A duplicate of the frontend's socket (raw requests, watchdog).
     sock: UnixStream,
-    timeout: Duration,
+    opts: FrontendOptions,
     mem: GuestMemoryMmap,
     queues: Vec<BlkQueue>,
+    info: DeviceInfo,
+    /// The inflight area (with [`FrontendOptions::inflight`]), kept across reconnects.
+    inflight: Option<(VhostUserInflight, File)>,
+    /// The last ring base each queue was set to or reported (what QEMU resends for a
+    /// packed ring after a backend crash).
+    bases: Vec<u32>,
+}
+
+/// A connection negotiated up to SET_FEATURES.
+struct Session {
+    fe: Frontend,
+    sock: UnixStream,
     info: DeviceInfo,
 }
 
@@ -315,11 +338,9 @@ impl std::fmt::Debug for BlkFrontend {
 }
 
 impl BlkFrontend {
-    /// Connects to the backend listening on `socket`, negotiates, sets up the memory and
-    /// `opts.queues` rings, and starts them.
-    pub fn connect(socket: impl AsRef<Path>, opts: FrontendOptions) -> Result<BlkFrontend> {
-        let path = socket.as_ref();
-        validate(&opts)?;
+    /// Connects to `path` and negotiates features, protocol features and the
+    /// configuration up to SET_FEATURES.
+    fn negotiate(path: &Path, opts: &FrontendOptions) -> Result<Session> {
         let stream = connect_socket(path, opts.timeout)?;
         // The `vhost` frontend blocks on replies. The timeouts make a silent backend an
         // error for most requests; GET_CONFIG, whose refusal by libvhost-user (an empty
@@ -390,6 +411,9 @@ impl BlkFrontend {
             if opts.reply_ack {
                 want_pf |= VhostUserProtocolFeatures::REPLY_ACK;
             }
+            if opts.inflight {
+                want_pf |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            }
             let acked_pf = pf & want_pf;
             fe.set_protocol_features(acked_pf)
                 .map_err(FrontendError::vhost("SET_PROTOCOL_FEATURES"))?;
@@ -446,6 +470,27 @@ impl BlkFrontend {
         fe.set_features(acked)
             .map_err(FrontendError::vhost("SET_FEATURES"))?;
 
+        Ok(Session {
+            fe,
+            sock: raw_sock,
+            info,
+        })
+    }
+
+    /// Connects to the backend listening on `socket`, negotiates, sets up the memory and
+    /// `opts.queues` rings, and starts them.
+    pub fn connect(socket: impl AsRef<Path>, opts: FrontendOptions) -> Result<BlkFrontend> {
+        let path = socket.as_ref();
+        validate(&opts)?;
+        let Session {
+            mut fe,
+            sock: raw_sock,
+            info,
+        } = Self::negotiate(path, &opts)?;
+        let acked = info.acked_features;
+        let layout = info.layout;
+        let inflight = Self::setup_inflight(&mut fe, &info, &opts, None)?;
+
         // Memory.
         let mlayout = MemoryLayout::new(
             layout,
@@ -478,49 +523,24 @@ impl BlkFrontend {
             )));
         }
         let mut queues = Vec::with_capacity(usize::from(opts.queues));
+        let mut bases = Vec::with_capacity(usize::from(opts.queues));
         for (i, ql) in (0u16..).zip(&mlayout.queues) {
-            let qi = usize::from(i);
-            let step = |what: &str| format!("{what} (queue {i})");
             let driver = DriverQueue::new(layout, opts.queue_size, ql.ring_base, event_idx);
             driver
                 .init(&mem)
                 .map_err(|source| FrontendError::Driver { queue: i, source })?;
-            fe.set_vring_num(qi, opts.queue_size)
-                .map_err(FrontendError::vhost(step("SET_VRING_NUM")))?;
-            match layout {
-                RingLayout::Split => fe
-                    .set_vring_base(qi, 0)
-                    .map_err(FrontendError::vhost(step("SET_VRING_BASE")))?,
-                // Both halves with their wrap counters, as QEMU sends it: the `vhost`
-                // crate's set_vring_base takes 16 bits only.
-                RingLayout::Packed => {
-                    raw::set_vring_base(&raw_sock, i, raw::PACKED_FRESH_BASE, reply_ack)?
-                }
-            }
-            let config = VringConfigData {
-                queue_max_size: opts.queue_size,
-                queue_size: opts.queue_size,
-                flags: 0,
-                desc_table_addr: memory::user_addr(&mem, driver.desc_table())?,
-                used_ring_addr: memory::user_addr(&mem, driver.device_area())?,
-                avail_ring_addr: memory::user_addr(&mem, driver.driver_area())?,
-                log_addr: None,
+            let base = match layout {
+                RingLayout::Split => 0,
+                RingLayout::Packed => raw::PACKED_FRESH_BASE,
             };
-            fe.set_vring_addr(qi, &config)
-                .map_err(FrontendError::vhost(step("SET_VRING_ADDR")))?;
-            let eventfd = || {
-                EventFd::new(EFD_NONBLOCK).map_err(|e| FrontendError::io("creating an eventfd", e))
-            };
-            let (kick, call) = (eventfd()?, eventfd()?);
-            fe.set_vring_call(qi, &call)
-                .map_err(FrontendError::vhost(step("SET_VRING_CALL")))?;
-            fe.set_vring_kick(qi, &kick)
-                .map_err(FrontendError::vhost(step("SET_VRING_KICK")))?;
+            let (kick, call) =
+                Self::setup_ring(&mut fe, &raw_sock, &opts, reply_ack, &mem, i, &driver, base)?;
             if opts.completion == CompletionMode::Poll {
                 driver
                     .disable_interrupts(&mem)
                     .map_err(|source| FrontendError::Driver { queue: i, source })?;
             }
+            bases.push(base);
             queues.push(BlkQueue::new(QueueParts {
                 index: i,
                 mem: mem.clone(),
@@ -555,11 +575,147 @@ impl BlkFrontend {
         Ok(BlkFrontend {
             fe,
             sock: raw_sock,
-            timeout: opts.timeout,
+            opts,
             mem,
             queues,
             info,
+            inflight,
+            bases,
         })
+    }
+
+    /// With INFLIGHT_SHMFD negotiated: GET_INFLIGHT_FD (unless an area from an earlier
+    /// connection is given back) and SET_INFLIGHT_FD, before the rings are set up (QEMU's
+    /// order).
+    fn setup_inflight(
+        fe: &mut Frontend,
+        info: &DeviceInfo,
+        opts: &FrontendOptions,
+        kept: Option<(VhostUserInflight, File)>,
+    ) -> Result<Option<(VhostUserInflight, File)>> {
+        if !info.has_protocol(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            return Ok(None);
+        }
+        let (area, file) = match kept {
+            Some(k) => k,
+            None => fe
+                .get_inflight_fd(&VhostUserInflight::new(0, 0, opts.queues, opts.queue_size))
+                .map_err(FrontendError::vhost("GET_INFLIGHT_FD"))?,
+        };
+        fe.set_inflight_fd(&area, file.as_raw_fd())
+            .map_err(FrontendError::vhost("SET_INFLIGHT_FD"))?;
+        Ok(Some((area, file)))
+    }
+
+    /// Configures ring `i` (SET_VRING_NUM, SET_VRING_BASE `base`, SET_VRING_ADDR, new
+    /// call and kick eventfds) and returns the eventfds.
+    #[allow(clippy::too_many_arguments)]
+    fn setup_ring(
+        fe: &mut Frontend,
+        sock: &UnixStream,
+        opts: &FrontendOptions,
+        reply_ack: bool,
+        mem: &GuestMemoryMmap,
+        i: u16,
+        driver: &DriverQueue,
+        base: u32,
+    ) -> Result<(EventFd, EventFd)> {
+        let qi = usize::from(i);
+        let step = |what: &str| format!("{what} (queue {i})");
+        fe.set_vring_num(qi, opts.queue_size)
+            .map_err(FrontendError::vhost(step("SET_VRING_NUM")))?;
+        match driver.layout() {
+            RingLayout::Split => fe
+                .set_vring_base(qi, u16::try_from(base).unwrap_or(0))
+                .map_err(FrontendError::vhost(step("SET_VRING_BASE")))?,
+            // QEMU sends both halves with their wrap counters (the `vhost` crate's
+            // set_vring_base takes 16 bits only); DPDK the avail half only.
+            RingLayout::Packed => {
+                let sent = if opts.packed_base_16bit {
+                    base & 0xffff
+                } else {
+                    base
+                };
+                raw::set_vring_base(sock, i, sent, reply_ack)?
+            }
+        }
+        let config = VringConfigData {
+            queue_max_size: opts.queue_size,
+            queue_size: opts.queue_size,
+            flags: 0,
+            desc_table_addr: memory::user_addr(mem, driver.desc_table())?,
+            used_ring_addr: memory::user_addr(mem, driver.device_area())?,
+            avail_ring_addr: memory::user_addr(mem, driver.driver_area())?,
+            log_addr: None,
+        };
+        fe.set_vring_addr(qi, &config)
+            .map_err(FrontendError::vhost(step("SET_VRING_ADDR")))?;
+        let eventfd =
+            || EventFd::new(EFD_NONBLOCK).map_err(|e| FrontendError::io("creating an eventfd", e));
+        let (kick, call) = (eventfd()?, eventfd()?);
+        fe.set_vring_call(qi, &call)
+            .map_err(FrontendError::vhost(step("SET_VRING_CALL")))?;
+        fe.set_vring_kick(qi, &kick)
+            .map_err(FrontendError::vhost(step("SET_VRING_KICK")))?;
+        Ok((kick, call))
+    }
+
+    /// Connects again after the backend went away (a restarted backend listening on
+    /// `socket`), as QEMU does with `reconnect-ms`: negotiates again, hands over the same
+    /// memory and (with [`FrontendOptions::inflight`]) the same inflight area, and
+    /// restarts every ring where a frontend that could not stop it knows it to be: a
+    /// split ring at the used index in guest memory, a packed ring at the last base it
+    /// set or was told (stale after a crash; the inflight area corrects it). Requests in
+    /// flight stay in flight: the backend resubmits them.
+    pub fn reconnect(&mut self, socket: impl AsRef<Path>) -> Result<()> {
+        let path = socket.as_ref();
+        let Session { mut fe, sock, info } = Self::negotiate(path, &self.opts)?;
+        if info.acked_features != self.info.acked_features {
+            return Err(FrontendError::Protocol(format!(
+                "the restarted backend negotiated features {:#x}, before {:#x}",
+                info.acked_features, self.info.acked_features
+            )));
+        }
+        let kept = self.inflight.take();
+        self.inflight = Self::setup_inflight(&mut fe, &info, &self.opts, kept)?;
+        let table = memory::mem_table(&self.mem)?;
+        fe.set_mem_table(&table)
+            .map_err(FrontendError::vhost("SET_MEM_TABLE"))?;
+        let reply_ack = info.has_protocol(VhostUserProtocolFeatures::REPLY_ACK);
+        for (q, base) in self.queues.iter_mut().zip(self.bases.iter_mut()) {
+            let i = q.index();
+            if q.driver().layout() == RingLayout::Split {
+                *base = u32::from(
+                    q.driver()
+                        .used_idx(&self.mem)
+                        .map_err(|source| FrontendError::Driver { queue: i, source })?,
+                );
+            }
+            let (kick, call) = Self::setup_ring(
+                &mut fe,
+                &sock,
+                &self.opts,
+                reply_ack,
+                &self.mem,
+                i,
+                q.driver(),
+                *base,
+            )?;
+            q.replace_eventfds(kick, call);
+        }
+        if info.has(blk::VHOST_USER_F_PROTOCOL_FEATURES) {
+            for q in &self.queues {
+                fe.set_vring_enable(usize::from(q.index()), true)
+                    .map_err(FrontendError::vhost(format!(
+                        "SET_VRING_ENABLE 1 (queue {})",
+                        q.index()
+                    )))?;
+            }
+        }
+        self.fe = fe;
+        self.sock = sock;
+        self.info = info;
+        Ok(())
     }
 
     /// What was negotiated.
@@ -587,6 +743,12 @@ impl BlkFrontend {
         &mut self.queues
     }
 
+    /// The inflight area handed to the backend (with [`FrontendOptions::inflight`], when
+    /// the backend offered INFLIGHT_SHMFD).
+    pub fn inflight_area(&self) -> Option<&VhostUserInflight> {
+        self.inflight.as_ref().map(|(area, _)| area)
+    }
+
     /// The frontend's guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
@@ -600,7 +762,7 @@ impl BlkFrontend {
     pub fn get_config(&mut self, offset: u32, len: u32) -> Result<Vec<u8>> {
         let zeros = vec![0u8; len as usize];
         let fe = &mut self.fe;
-        raw::with_watchdog(&self.sock, self.timeout, || {
+        raw::with_watchdog(&self.sock, self.opts.timeout, || {
             fe.get_config(offset, len, VhostUserConfigFlags::empty(), &zeros)
         })
         .map(|(_, buf)| buf)

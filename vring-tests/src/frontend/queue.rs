@@ -153,6 +153,12 @@ impl BlkQueue {
         }
     }
 
+    /// Replaces the kick and call eventfds (after a reconnect to a restarted backend).
+    pub(crate) fn replace_eventfds(&mut self, kick: EventFd, call: EventFd) {
+        self.kick = kick;
+        self.call = call;
+    }
+
     /// The vring index.
     pub fn index(&self) -> u16 {
         self.index
