@@ -172,6 +172,51 @@ pub enum BackendError {
     SerialTooLong(usize),
 }
 
+/// Where a disk's data lives, which decides how the adaptive engine serves requests
+/// (see [`crate::io::adaptive`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// A file on a memory file system (tmpfs, hugetlbfs, ramfs): every request is a
+    /// memory copy that never waits on a device.
+    Memory {
+        /// The file system.
+        fs: &'static str,
+    },
+    /// A buffered file or block device: the page cache answers some requests without
+    /// waiting; the others wait on the device.
+    PageCache {
+        /// The file system (or "block device").
+        fs: &'static str,
+    },
+    /// Opened with `O_DIRECT`: every transfer waits on the device.
+    Direct,
+}
+
+/// The file system `file` is on, by `fstatfs` magic: its name and whether it is memory.
+fn file_system(file: &File) -> (&'static str, bool) {
+    // SAFETY: `statfs` is plain old data for which all-zeroes is valid.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a live statfs buffer; the fd is owned by `file`.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return ("an unknown file system", false);
+    }
+    // f_type's C type differs between architectures; the magics fit in 32 bits.
+    #[allow(clippy::unnecessary_cast, clippy::cast_possible_truncation)]
+    match st.f_type as u32 {
+        0x0102_1994 => ("tmpfs", true),
+        0x9584_58f6 => ("hugetlbfs", true),
+        0x8584_58f6 => ("ramfs", true),
+        0xef53 => ("ext4", false),
+        0x5846_5342 => ("xfs", false),
+        0x9123_683e => ("btrfs", false),
+        0x6573_5546 => ("fuse", false),
+        0x794c_7630 => ("overlayfs", false),
+        0x6969 => ("nfs", false),
+        0x2fc1_2fc1 => ("zfs", false),
+        _ => ("another file system", false),
+    }
+}
+
 /// An open disk. See the module documentation.
 pub struct BlockBackend {
     file: File,
@@ -188,6 +233,7 @@ pub struct BlockBackend {
     punch_hole_unsupported: AtomicBool,
     zero_range_unsupported: AtomicBool,
     zero_buffer: OnceLock<AlignedBuf>,
+    storage: Storage,
 }
 
 impl fmt::Debug for BlockBackend {
@@ -356,7 +402,18 @@ impl BlockBackend {
             );
         }
 
+        let storage = if opts.direct {
+            Storage::Direct
+        } else if block_device {
+            Storage::PageCache { fs: "block device" }
+        } else {
+            match file_system(&file) {
+                (fs, true) => Storage::Memory { fs },
+                (fs, false) => Storage::PageCache { fs },
+            }
+        };
         Ok(BlockBackend {
+            storage,
             file,
             path: opts.path.clone(),
             read_only: opts.read_only,
@@ -372,6 +429,11 @@ impl BlockBackend {
             zero_range_unsupported: AtomicBool::new(false),
             zero_buffer: OnceLock::new(),
         })
+    }
+
+    /// Where the disk's data lives.
+    pub fn storage(&self) -> Storage {
+        self.storage
     }
 
     /// The path the disk was opened from.

@@ -412,6 +412,10 @@ impl BlockDevice {
                 ),
             )
         })?;
+        log::info!(
+            "queue {index}: I/O path: {}",
+            crate::io::Engine::describe(self.engine, self.backend.storage())
+        );
         Ok(
             BlockQueue::new(Arc::clone(&self.backend), queue_size, self.engine)?
                 .with_index(index)

@@ -60,6 +60,13 @@ impl Drop for BlkQueueHandler {
             self.index,
             self.queue.metrics().snapshot()
         );
+        if let Some(c) = self.queue.path_counts() {
+            info!(
+                "queue {}: operations of this ring: {} inline, {} through io_uring ({} of them \
+                 after RWF_NOWAIT said they would block)",
+                self.index, c.inline, c.uring, c.would_block
+            );
+        }
     }
 }
 

@@ -580,7 +580,7 @@ impl BlockQueue {
                 "queue size must not be 0",
             ));
         }
-        let engine = Engine::new(engine, backend.raw_fd(), queue_size)?;
+        let engine = Engine::new(engine, backend.raw_fd(), queue_size, backend.storage())?;
         let segment_limits = SegmentLimits::default();
         let slots = (0..queue_size)
             .map(|_| Slot::new(segment_limits.max_segments()))
@@ -604,6 +604,7 @@ impl BlockQueue {
     /// Sets the queue index (for log messages).
     pub fn with_index(mut self, index: u16) -> Self {
         self.index = index;
+        self.engine.set_index(index);
         self
     }
 
@@ -632,6 +633,12 @@ impl BlockQueue {
     /// The I/O engine in use.
     pub fn engine_kind(&self) -> EngineKind {
         self.engine.kind()
+    }
+
+    /// Operations the adaptive engine served inline and through io_uring so far
+    /// (`None` with the other engines).
+    pub fn path_counts(&self) -> Option<crate::io::PathCounts> {
+        self.engine.path_counts()
     }
 
     /// The eventfd to watch for completions (io_uring), to be added to the worker's
@@ -1060,7 +1067,7 @@ impl BlockQueue {
     pub(crate) fn sync_engine(&mut self) -> Option<&mut crate::io::SyncEngine> {
         match &mut self.engine {
             Engine::Sync(s) => Some(s),
-            Engine::Uring(_) => None,
+            Engine::Uring(_) | Engine::Adaptive(_) => None,
         }
     }
 }

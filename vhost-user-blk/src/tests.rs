@@ -23,6 +23,7 @@ use virtio_core::driver::{DriverBuffer, DriverQueue};
 use virtio_core::{GuestMemoryView, Queue, RingLayout};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::backend::Storage;
 use crate::backend::{BackendOptions, BlockBackend, CacheMode};
 use crate::device::{BlockDevice, DeviceOptions, VirtioBlkConfig};
 use crate::io::{probe_io_uring, EngineKind};
@@ -87,7 +88,7 @@ impl Drop for TempFile {
 
 fn engines() -> Vec<EngineKind> {
     match probe_io_uring() {
-        Ok(()) => vec![EngineKind::Sync, EngineKind::IoUring],
+        Ok(()) => vec![EngineKind::Sync, EngineKind::IoUring, EngineKind::Adaptive],
         Err(e) => {
             println!("io_uring unavailable ({e}): testing the synchronous engine only");
             vec![EngineKind::Sync]
@@ -1415,4 +1416,109 @@ fn random_requests_never_panic() {
             }
         }
     });
+}
+
+// ---- the adaptive engine's paths ----
+
+fn adaptive_available() -> bool {
+    match probe_io_uring() {
+        Ok(()) => true,
+        Err(e) => {
+            println!("SKIPPED: io_uring unavailable ({e})");
+            false
+        }
+    }
+}
+
+/// A directory on tmpfs, if the machine has one.
+fn tmpfs_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from("/dev/shm");
+    let h = Harness::new(
+        RingLayout::Split,
+        EngineKind::Sync,
+        &Opts {
+            dir: dir.clone(),
+            ..Opts::default()
+        },
+    );
+    matches!(h.backend.storage(), Storage::Memory { .. }).then_some(dir)
+}
+
+#[test]
+fn adaptive_engine_serves_tmpfs_files_inline() {
+    let Some(dir) = tmpfs_dir().filter(|_| adaptive_available()) else {
+        println!("SKIPPED adaptive_engine_serves_tmpfs_files_inline: no tmpfs or io_uring");
+        return;
+    };
+    let opts = Opts {
+        dir,
+        ..Opts::default()
+    };
+    let mut h = Harness::new(RingLayout::Split, EngineKind::Adaptive, &opts);
+    let data = pattern(8192, 5);
+    h.write_sync(16, &data);
+    assert_eq!(h.read_sync(16, 8192), data);
+    let f = h.request(VIRTIO_BLK_T_FLUSH, 0, &[], &[], false);
+    assert_eq!(h.run_one(&f).0, STATUS_OK);
+    let c = h.bq.path_counts().unwrap();
+    assert_eq!(c.uring, 0, "{c:?}");
+    assert_eq!(c.inline, 3, "{c:?}");
+}
+
+#[test]
+fn adaptive_engine_reads_cached_pages_inline_and_sends_others_to_io_uring() {
+    if !adaptive_available() {
+        return;
+    }
+    let mut h = Harness::new(RingLayout::Split, EngineKind::Adaptive, &Opts::default());
+    if !matches!(h.backend.storage(), Storage::PageCache { .. }) {
+        println!("SKIPPED: the temp dir is not a disk-backed file system");
+        return;
+    }
+    // 64 KiB on disk and out of the page cache but for its first 4 KiB: one read of it
+    // is served partly inline (the cached page), then by io_uring.
+    let data = pattern(65536, 9);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&h.file.path)
+        .unwrap();
+    file.write_all_at(&data, 0).unwrap();
+    file.sync_all().unwrap();
+    let advise = |off: i64, len: i64, advice: i32| {
+        // SAFETY: plain system call on an fd we own; no memory is passed.
+        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, advice) };
+        assert_eq!(r, 0);
+    };
+    advise(0, 0, libc::POSIX_FADV_DONTNEED);
+    advise(0, 0, libc::POSIX_FADV_RANDOM);
+    let mut first = vec![0u8; 4096];
+    file.read_exact_at(&mut first, 0).unwrap();
+    let before = h.bq.path_counts().unwrap();
+    assert_eq!(
+        h.read_sync(0, 65536),
+        data,
+        "nothing lost or doubled across the fallback"
+    );
+    let c = h.bq.path_counts().unwrap();
+    assert_eq!(
+        c.inline - before.inline,
+        1,
+        "the cached page was read inline: {c:?}"
+    );
+    assert_eq!(
+        c.would_block - before.would_block,
+        1,
+        "then RWF_NOWAIT refused: {c:?}"
+    );
+    assert_eq!(
+        c.uring - before.uring,
+        1,
+        "and io_uring read the rest: {c:?}"
+    );
+    // Cached reads stay inline.
+    let before = h.bq.path_counts().unwrap();
+    assert_eq!(h.read_sync(0, 32768), data[..32768]);
+    let c = h.bq.path_counts().unwrap();
+    assert_eq!(c.uring, before.uring, "{c:?}");
 }

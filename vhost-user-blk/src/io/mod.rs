@@ -11,7 +11,11 @@
 //! * [`EngineKind::Sync`]: `preadv`/`pwritev2`/`fdatasync`/`fallocate` run inline;
 //!   the result is available as soon as the operation was pushed. Used when io_uring is
 //!   unavailable (old kernel, seccomp, `io_uring_disabled`).
+//! * [`EngineKind::Adaptive`] (the default): per operation, inline where it cannot wait
+//!   on a device (memory file systems; page-cache hits with `RWF_NOWAIT`), io_uring
+//!   where it does (`O_DIRECT`, cache misses, flushes); see [`adaptive`].
 
+pub mod adaptive;
 mod sync;
 mod uring;
 
@@ -22,6 +26,10 @@ use std::os::unix::io::RawFd;
 use std::ptr::NonNull;
 use std::str::FromStr;
 
+use crate::backend::Storage;
+
+pub(crate) use adaptive::AdaptiveEngine;
+pub use adaptive::PathCounts;
 pub(crate) use sync::SyncEngine;
 pub(crate) use uring::UringEngine;
 
@@ -36,6 +44,8 @@ pub enum EngineKind {
     IoUring,
     /// Synchronous system calls on the queue's worker thread.
     Sync,
+    /// Inline where an operation cannot wait on a device, io_uring where it does.
+    Adaptive,
 }
 
 impl fmt::Display for EngineKind {
@@ -43,6 +53,7 @@ impl fmt::Display for EngineKind {
         f.write_str(match self {
             EngineKind::IoUring => "io_uring",
             EngineKind::Sync => "sync",
+            EngineKind::Adaptive => "auto (inline or io_uring per file and request)",
         })
     }
 }
@@ -50,7 +61,8 @@ impl fmt::Display for EngineKind {
 /// The engine asked for on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum EngineChoice {
-    /// io_uring if the probe succeeds, else the synchronous engine.
+    /// [`EngineKind::Adaptive`] if the io_uring probe succeeds, else the synchronous
+    /// engine.
     #[default]
     Auto,
     /// io_uring or fail.
@@ -95,7 +107,7 @@ impl EngineChoice {
                 EngineKind::IoUring
             }
             EngineChoice::Auto => match probe_io_uring() {
-                Ok(()) => EngineKind::IoUring,
+                Ok(()) => EngineKind::Adaptive,
                 Err(e) => {
                     log::warn!("io_uring unavailable ({e}); falling back to synchronous I/O");
                     EngineKind::Sync
@@ -160,14 +172,25 @@ pub(crate) enum Engine {
     Uring(Box<UringEngine>),
     /// Synchronous.
     Sync(SyncEngine),
+    /// Inline or io_uring per operation.
+    Adaptive(Box<AdaptiveEngine>),
 }
 
 impl Engine {
-    /// An engine for a queue of `queue_size` entries on `fd`.
-    pub(crate) fn new(kind: EngineKind, fd: RawFd, queue_size: u16) -> io::Result<Self> {
+    /// An engine for a queue of `queue_size` entries on `fd`, a file stored as
+    /// `storage`.
+    pub(crate) fn new(
+        kind: EngineKind,
+        fd: RawFd,
+        queue_size: u16,
+        storage: Storage,
+    ) -> io::Result<Self> {
         Ok(match kind {
             EngineKind::IoUring => Engine::Uring(Box::new(UringEngine::new(fd, queue_size)?)),
             EngineKind::Sync => Engine::Sync(SyncEngine::new(fd)),
+            EngineKind::Adaptive => {
+                Engine::Adaptive(Box::new(AdaptiveEngine::new(fd, queue_size, storage)?))
+            }
         })
     }
 
@@ -175,6 +198,31 @@ impl Engine {
         match self {
             Engine::Uring(_) => EngineKind::IoUring,
             Engine::Sync(_) => EngineKind::Sync,
+            Engine::Adaptive(_) => EngineKind::Adaptive,
+        }
+    }
+
+    /// Sets the queue index used in log lines.
+    pub(crate) fn set_index(&mut self, index: u16) {
+        if let Engine::Adaptive(a) = self {
+            a.set_index(index);
+        }
+    }
+
+    /// How a queue on this engine serves a file stored as `storage`, for the log.
+    pub fn describe(kind: EngineKind, storage: Storage) -> String {
+        match kind {
+            EngineKind::Adaptive => AdaptiveEngine::describe(storage),
+            EngineKind::IoUring => "io_uring for every request (--engine io_uring)".into(),
+            EngineKind::Sync => "inline system calls for every request (--engine sync)".into(),
+        }
+    }
+
+    /// Operations served inline and by io_uring so far (adaptive engine only).
+    pub(crate) fn path_counts(&self) -> Option<PathCounts> {
+        match self {
+            Engine::Adaptive(a) => Some(a.counts()),
+            _ => None,
         }
     }
 
@@ -182,6 +230,7 @@ impl Engine {
     pub(crate) fn completion_fd(&self) -> Option<RawFd> {
         match self {
             Engine::Uring(u) => Some(u.completion_fd()),
+            Engine::Adaptive(a) => Some(a.completion_fd()),
             Engine::Sync(_) => None,
         }
     }
@@ -197,6 +246,8 @@ impl Engine {
         match self {
             // SAFETY: forwarded from the caller.
             Engine::Uring(u) => unsafe { u.push(user_data, op) },
+            // SAFETY: forwarded from the caller.
+            Engine::Adaptive(a) => unsafe { a.push(user_data, op) },
             Engine::Sync(s) => {
                 // SAFETY: forwarded from the caller.
                 unsafe { s.push(user_data, op) };
@@ -209,6 +260,7 @@ impl Engine {
     pub(crate) fn submit(&mut self) -> io::Result<()> {
         match self {
             Engine::Uring(u) => u.submit(),
+            Engine::Adaptive(a) => a.submit(),
             Engine::Sync(_) => Ok(()),
         }
     }
@@ -216,8 +268,10 @@ impl Engine {
     /// Clears the completion signal (io_uring eventfd); call once before a round of
     /// [`Self::reap`] calls.
     pub(crate) fn clear_signal(&mut self) {
-        if let Engine::Uring(u) = self {
-            u.clear_signal();
+        match self {
+            Engine::Uring(u) => u.clear_signal(),
+            Engine::Adaptive(a) => a.clear_signal(),
+            Engine::Sync(_) => {}
         }
     }
 
@@ -225,6 +279,7 @@ impl Engine {
     pub(crate) fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
         match self {
             Engine::Uring(u) => u.reap(out),
+            Engine::Adaptive(a) => a.reap(out),
             Engine::Sync(s) => s.reap(out),
         }
     }
@@ -234,6 +289,7 @@ impl Engine {
     pub(crate) fn wait(&mut self) -> io::Result<()> {
         match self {
             Engine::Uring(u) => u.wait(),
+            Engine::Adaptive(a) => a.wait(),
             Engine::Sync(s) => {
                 s.wait();
                 Ok(())

@@ -11,6 +11,8 @@ pub(crate) struct SyncEngine {
     completed: Vec<(u64, i32)>,
     /// `pwritev2(RWF_DSYNC)` was refused: use `pwritev` + `fdatasync` instead.
     dsync_fallback: bool,
+    /// Reads and writes carry `RWF_NOWAIT` (see [`SyncEngine::try_nowait`]).
+    nowait: bool,
     /// Test hook: keep completions back until [`SyncEngine::release`], to return them
     /// in an order other than submission order.
     #[cfg(test)]
@@ -42,6 +44,7 @@ impl SyncEngine {
             fd,
             completed: Vec::new(),
             dsync_fallback: false,
+            nowait: false,
             #[cfg(test)]
             hold: false,
             #[cfg(test)]
@@ -56,6 +59,28 @@ impl SyncEngine {
     /// # Safety
     ///
     /// The iovecs of `op` must be valid for the duration of the call.
+    /// Runs `op` now with `RWF_NOWAIT` on reads and writes (and no retry), and returns
+    /// its result: `-EAGAIN` where it would have blocked (e.g. a read of pages not in
+    /// the page cache), `-EOPNOTSUPP` where the file system cannot tell. Nothing is
+    /// queued for [`Self::reap`].
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::push`], for the duration of the call.
+    pub(crate) unsafe fn try_nowait(&mut self, op: &Op) -> i32 {
+        self.nowait = true;
+        // SAFETY: forwarded from the caller.
+        let res = unsafe { self.run(op) };
+        self.nowait = false;
+        res
+    }
+
+    /// Queues the result of an operation that was run elsewhere inline (by
+    /// [`Self::try_nowait`]), for the next [`Self::reap`].
+    pub(crate) fn complete(&mut self, user_data: u64, res: i32) {
+        self.completed.push((user_data, res));
+    }
+
     pub(crate) unsafe fn push(&mut self, user_data: u64, op: &Op) {
         // SAFETY: forwarded from the caller.
         let res = unsafe { self.run(op) };
@@ -123,9 +148,10 @@ impl SyncEngine {
                 #[cfg(test)]
                 let (iov, iovcnt) = self.shorten(iov, iovcnt, &mut tmp);
                 let cnt = libc::c_int::try_from(iovcnt.min(IOV_MAX)).unwrap_or(1);
+                let flags = if self.nowait { libc::RWF_NOWAIT } else { 0 };
                 // SAFETY: the iovecs describe writable memory valid for this call (the
                 // caller's contract); `cnt` does not exceed their number.
-                result(unsafe { libc::preadv64(fd, iov, cnt, off) })
+                result(unsafe { libc::preadv64v2(fd, iov, cnt, off, flags) })
             }
             Op::Write {
                 iov,
@@ -144,6 +170,17 @@ impl SyncEngine {
                 #[cfg(test)]
                 let (iov, iovcnt) = self.shorten(iov, iovcnt, &mut tmp);
                 let cnt = libc::c_int::try_from(iovcnt.min(IOV_MAX)).unwrap_or(1);
+                if self.nowait {
+                    // Only plain buffered writes are tried without waiting: a
+                    // writethrough write waits for the device by definition.
+                    if dsync {
+                        return -libc::EAGAIN;
+                    }
+                    // SAFETY: as for the read above, the iovecs describe readable memory.
+                    return result(unsafe {
+                        libc::pwritev64v2(fd, iov, cnt, off, libc::RWF_NOWAIT)
+                    });
+                }
                 if dsync && !self.dsync_fallback {
                     // SAFETY: as for the read above, the iovecs describe readable memory.
                     let res =
@@ -184,6 +221,11 @@ impl SyncEngine {
                 }
             }
         }
+    }
+
+    /// True if completions wait for [`Self::reap`].
+    pub(crate) fn has_completions(&self) -> bool {
+        !self.completed.is_empty()
     }
 
     pub(crate) fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
