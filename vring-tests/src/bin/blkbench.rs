@@ -1,8 +1,13 @@
 //! `blkbench`: our vhost-user-blk daemon, qemu-storage-daemon and raw io_uring side by
 //! side on the same file, driven by the userspace frontend (`vring_tests::frontend`).
 //!
-//! Every cell (4 KiB randread / randwrite × QD1 / QD32 × 1 / 2 queues by default) runs
-//! for a fixed time against each backend; the report gives IOPS, p50/p99 latency, the
+//! Every cell (storage × 4 KiB randread / randwrite × QD1 / QD32 × 1 / 2 queues by
+//! default) runs for a fixed time against each backend. Storage is where the file lives,
+//! the same for every backend: `tmpfs` (a file in /dev/shm), `pagecache` (a file on the
+//! root file system, read once so that it is in the page cache, served buffered) and
+//! `disk` (a file on the root file system written in full, served with `O_DIRECT`: our
+//! `--direct`, qemu-storage-daemon's `cache.direct=on`, raw io_uring on an `O_DIRECT`
+//! fd, so every request reaches the device). The report gives the report gives IOPS, p50/p99 latency, the
 //! backend's CPU seconds (utime + stime of the backend process from /proc; for raw
 //! io_uring the submitting threads' own CPU time), IOPS per backend CPU-second, and the
 //! frontend's CPU, then checks the targets. Output: a Markdown table on stdout (and
@@ -21,7 +26,7 @@
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
@@ -49,9 +54,16 @@ struct Args {
     /// Warm-up before each cell, in milliseconds (not measured).
     #[arg(long, default_value_t = 500)]
     warmup_ms: u64,
-    /// The file all backends serve (created and filled; keep it on tmpfs).
+    /// The `tmpfs` storage's file (created and filled; keep it on tmpfs).
     #[arg(long, default_value = "/dev/shm/blkbench.img")]
     file: PathBuf,
+    /// Directory of the `pagecache` and `disk` storages' files (default: `.cache/blkbench`
+    /// in the workspace, on the root file system).
+    #[arg(long)]
+    disk_dir: Option<PathBuf>,
+    /// Storages to run.
+    #[arg(long, value_delimiter = ',', default_value = "tmpfs,pagecache,disk")]
+    storage: Vec<StorageKind>,
     /// Size of the file in MiB.
     #[arg(long, default_value_t = 256)]
     size_mib: u64,
@@ -141,6 +153,36 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
+/// Where the served file lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum StorageKind {
+    /// A file on tmpfs.
+    Tmpfs,
+    /// A page-cached file on the root file system, served buffered.
+    Pagecache,
+    /// A file on the root file system, served with O_DIRECT.
+    Disk,
+}
+
+impl std::fmt::Display for StorageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StorageKind::Tmpfs => "tmpfs",
+            StorageKind::Pagecache => "pagecache",
+            StorageKind::Disk => "disk",
+        })
+    }
+}
+
+/// The file of one storage.
+#[derive(Clone, Debug)]
+struct StorageFile {
+    kind: StorageKind,
+    path: PathBuf,
+    /// Served with O_DIRECT.
+    direct: bool,
+}
+
 /// A request type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum OpKind {
@@ -162,6 +204,7 @@ impl std::fmt::Display for OpKind {
 /// One cell of the matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Cell {
+    storage: StorageKind,
     op: OpKind,
     depth: u16,
     queues: u16,
@@ -169,7 +212,11 @@ struct Cell {
 
 impl std::fmt::Display for Cell {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} QD{} {}q", self.op, self.depth, self.queues)
+        write!(
+            f,
+            "{} {} QD{} {}q",
+            self.storage, self.op, self.depth, self.queues
+        )
     }
 }
 
@@ -193,6 +240,11 @@ impl Measure {
     /// Requests per backend CPU-second (None below one clock tick of CPU).
     fn iops_per_cpu(&self) -> Option<f64> {
         (self.backend_cpu >= 0.01).then(|| self.ops as f64 / self.backend_cpu)
+    }
+
+    /// Backend CPU per request, in µs (None below one clock tick of CPU).
+    fn cpu_us_per_request(&self) -> Option<f64> {
+        (self.backend_cpu >= 0.01 && self.ops > 0).then(|| self.backend_cpu * 1e6 / self.ops as f64)
     }
 }
 
@@ -234,26 +286,33 @@ fn run(args: &Args) -> Result<(), String> {
     let size = args.size_mib << 20;
     let max_depth = args.depths.iter().copied().max().unwrap_or(1);
     let cells: Vec<Cell> = args
-        .queues
+        .storage
         .iter()
-        .flat_map(|&queues| {
-            args.ops.iter().flat_map(move |&op| {
-                args.depths
-                    .iter()
-                    .map(move |&depth| Cell { op, depth, queues })
+        .flat_map(|&storage| {
+            args.queues.iter().flat_map(move |&queues| {
+                args.ops.iter().flat_map(move |&op| {
+                    args.depths.iter().map(move |&depth| Cell {
+                        storage,
+                        op,
+                        depth,
+                        queues,
+                    })
+                })
             })
         })
         .collect();
+    let disk_dir = args
+        .disk_dir
+        .clone()
+        .unwrap_or_else(|| repo_root().join(".cache").join("blkbench"));
     eprintln!(
-        "blkbench: {} cells x {} backends, {:.1} s each (+{} ms warm-up); preparing {} ({} MiB)",
+        "blkbench: {} cells x {} backends, {:.1} s each (+{} ms warm-up), {} MiB files",
         cells.len(),
         args.backends.len(),
         args.duration,
         args.warmup_ms,
-        args.file.display(),
         args.size_mib
     );
-    prepare_file(&args.file, size)?;
     let tmp = TempDir::new("blkbench").map_err(|e| e.to_string())?;
 
     // Backends run interleaved, cell by cell, so that a change in the host's load
@@ -265,50 +324,53 @@ fn run(args: &Args) -> Result<(), String> {
             queue_counts.push(nq);
         }
     }
-    for &nq in &queue_counts {
-        let mut sessions: Vec<(BackendKind, Result<Session, String>)> = args
-            .backends
-            .iter()
-            .filter(|&&b| b != BackendKind::Raw)
-            .map(|&b| {
-                let sock = tmp.path().join(format!("{b:?}-{nq}.sock"));
-                let s = Session::open(args, b, &sock, nq, max_depth);
-                if let Err(e) = &s {
-                    eprintln!("  {b:>12} ({nq} queues): unavailable: {e}");
-                }
-                (b, s)
-            })
-            .collect();
-        for cell in cells.iter().copied().filter(|c| c.queues == nq) {
-            for &backend in &args.backends {
-                let o = if backend == BackendKind::Raw {
-                    eprintln!("  {backend:>12} {cell} ...");
-                    let o = run_raw(&args.file, size, cell, args.bs, warmup, duration);
-                    report_progress(&o);
-                    o
-                } else {
-                    match sessions.iter_mut().find(|(b, _)| *b == backend) {
-                        Some((_, Ok(session))) => {
-                            eprintln!("  {backend:>12} {cell} ...");
-                            let o = session.run_cell(cell, args.bs, warmup, duration);
-                            report_progress(&o);
-                            o
-                        }
-                        Some((_, Err(e))) => Err(e.clone()),
-                        None => continue,
-                    }
-                };
-                results.rows.push((backend, cell, o));
-            }
+    let mut files = Vec::new();
+    for &kind in &args.storage {
+        let file = match kind {
+            StorageKind::Tmpfs => StorageFile {
+                kind,
+                path: args.file.clone(),
+                direct: false,
+            },
+            StorageKind::Pagecache => StorageFile {
+                kind,
+                path: disk_dir.join("pagecache.img"),
+                direct: false,
+            },
+            StorageKind::Disk => StorageFile {
+                kind,
+                path: disk_dir.join("direct.img"),
+                direct: true,
+            },
+        };
+        if files.iter().any(|f: &StorageFile| f.kind == kind) {
+            continue;
         }
-        for (_, s) in sessions {
-            if let Ok(s) = s {
-                s.close();
-            }
+        eprintln!("blkbench: preparing {} ({kind})", file.path.display());
+        if let Some(dir) = file.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         }
+        prepare_file(&file.path, size, kind)?;
+        for &nq in &queue_counts {
+            run_storage(
+                args,
+                &tmp,
+                &file,
+                nq,
+                &cells,
+                max_depth,
+                warmup,
+                duration,
+                size,
+                &mut results,
+            );
+        }
+        files.push(file);
     }
     if !args.keep_file {
-        let _ = std::fs::remove_file(&args.file);
+        for f in &files {
+            let _ = std::fs::remove_file(&f.path);
+        }
     }
     let total = t0.elapsed();
     let md = markdown(args, &cells, &results, total);
@@ -322,6 +384,66 @@ fn run(args: &Args) -> Result<(), String> {
     }
     eprintln!("blkbench: done in {:.1} s", total.as_secs_f64());
     Ok(())
+}
+
+/// Runs every cell of storage `file` with `nq` queues, backends interleaved.
+#[allow(clippy::too_many_arguments)]
+fn run_storage(
+    args: &Args,
+    tmp: &TempDir,
+    file: &StorageFile,
+    nq: u16,
+    cells: &[Cell],
+    max_depth: u16,
+    warmup: Duration,
+    duration: Duration,
+    size: u64,
+    results: &mut Results,
+) {
+    let mut sessions: Vec<(BackendKind, Result<Session, String>)> = args
+        .backends
+        .iter()
+        .filter(|&&b| b != BackendKind::Raw)
+        .map(|&b| {
+            let sock = tmp.path().join(format!("{b:?}-{}-{nq}.sock", file.kind));
+            let s = Session::open(args, file, b, &sock, nq, max_depth);
+            if let Err(e) = &s {
+                eprintln!("  {b:>12} ({}, {nq} queues): unavailable: {e}", file.kind);
+            }
+            (b, s)
+        })
+        .collect();
+    for cell in cells
+        .iter()
+        .copied()
+        .filter(|c| c.queues == nq && c.storage == file.kind)
+    {
+        for &backend in &args.backends {
+            let o = if backend == BackendKind::Raw {
+                eprintln!("  {backend:>12} {cell} ...");
+                let o = run_raw(file, size, cell, args.bs, warmup, duration);
+                report_progress(&o);
+                o
+            } else {
+                match sessions.iter_mut().find(|(b, _)| *b == backend) {
+                    Some((_, Ok(session))) => {
+                        eprintln!("  {backend:>12} {cell} ...");
+                        let o = session.run_cell(cell, args.bs, warmup, duration);
+                        report_progress(&o);
+                        o
+                    }
+                    Some((_, Err(e))) => Err(e.clone()),
+                    None => continue,
+                }
+            };
+            results.rows.push((backend, cell, o));
+        }
+    }
+    for (_, s) in sessions {
+        if let Ok(s) = s {
+            s.close();
+        }
+    }
 }
 
 fn report_progress(o: &Outcome) {
@@ -341,8 +463,10 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// Creates the file, allocates it and writes every block (so reads hit real pages).
-fn prepare_file(path: &Path, size: u64) -> Result<(), String> {
+/// Creates the file, allocates it and writes every block (so reads hit real pages, or
+/// real blocks on the device). A `pagecache` file is then read once, so that it is in the
+/// page cache; a `disk` file is synced and dropped from it.
+fn prepare_file(path: &Path, size: u64, kind: StorageKind) -> Result<(), String> {
     let f = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -369,6 +493,26 @@ fn prepare_file(path: &Path, size: u64) -> Result<(), String> {
             .map_err(|e| format!("filling {}: {e}", path.display()))?;
         off += chunk.len() as u64;
     }
+    if kind != StorageKind::Tmpfs {
+        f.sync_all()
+            .map_err(|e| format!("syncing {}: {e}", path.display()))?;
+    }
+    match kind {
+        StorageKind::Tmpfs => {}
+        StorageKind::Pagecache => {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0;
+            while off < size {
+                f.read_exact_at(&mut buf, off)
+                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
+                off += buf.len() as u64;
+            }
+        }
+        StorageKind::Disk => {
+            // SAFETY: posix_fadvise on an fd we own; no memory is passed.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
     Ok(())
 }
 
@@ -387,12 +531,13 @@ impl Session {
     /// data-verification round.
     fn open(
         args: &Args,
+        file: &StorageFile,
         backend: BackendKind,
         sock: &Path,
         nq: u16,
         max_depth: u16,
     ) -> Result<Session, String> {
-        let daemon = start_daemon(args, backend, sock, nq)?;
+        let daemon = start_daemon(args, file, backend, sock, nq)?;
         let pid = daemon.pid().ok_or("the daemon has no pid")?;
         let opts = FrontendOptions {
             queues: nq,
@@ -469,6 +614,7 @@ fn log_tail(p: &BackgroundProcess) -> String {
 
 fn start_daemon(
     args: &Args,
+    file: &StorageFile,
     backend: BackendKind,
     sock: &Path,
     nq: u16,
@@ -491,10 +637,13 @@ fn start_daemon(
             cmd.arg("--socket-path")
                 .arg(sock)
                 .arg("--blk-file")
-                .arg(&args.file)
+                .arg(&file.path)
                 .arg("--num-queues")
                 .arg(nq.to_string())
                 .args(&args.ours_args);
+            if file.direct {
+                cmd.arg("--direct");
+            }
             ("vhost-user-blk", cmd)
         }
         BackendKind::Qsd => {
@@ -504,8 +653,9 @@ fn start_daemon(
             let mut cmd = Command::new(&args.qsd);
             cmd.arg("--blockdev")
                 .arg(format!(
-                    "driver=file,node-name=d,filename={},aio=io_uring,cache.direct=off",
-                    esc(&args.file)
+                    "driver=file,node-name=d,filename={},aio=io_uring,cache.direct={}",
+                    esc(&file.path),
+                    if file.direct { "on" } else { "off" }
                 ))
                 .arg("--export")
                 .arg(format!(
@@ -571,7 +721,7 @@ struct RawThread {
 }
 
 fn run_raw(
-    path: &Path,
+    file: &StorageFile,
     size: u64,
     cell: Cell,
     bs: u32,
@@ -579,11 +729,11 @@ fn run_raw(
     duration: Duration,
 ) -> Outcome {
     if !warmup.is_zero() {
-        raw_threads(path, size, cell, bs, warmup, 7)?;
+        raw_threads(file, size, cell, bs, warmup, 7)?;
     }
     let s0 = self_cpu_seconds().map_err(|e| e.to_string())?;
     let start = Instant::now();
-    let threads = raw_threads(path, size, cell, bs, duration, 11)?;
+    let threads = raw_threads(file, size, cell, bs, duration, 11)?;
     let s1 = self_cpu_seconds().map_err(|e| e.to_string())?;
     let end = threads.iter().map(|t| t.last).max().unwrap_or(start);
     let thread_cpu: f64 = threads.iter().map(|t| t.cpu.as_secs_f64()).sum();
@@ -598,7 +748,7 @@ fn run_raw(
 }
 
 fn raw_threads(
-    path: &Path,
+    file: &StorageFile,
     size: u64,
     cell: Cell,
     bs: u32,
@@ -609,7 +759,7 @@ fn raw_threads(
         let handles: Vec<_> = (0..cell.queues)
             .map(|t| {
                 s.spawn(move || {
-                    raw_thread(path, size, cell, bs, duration, seed ^ (u64::from(t) << 32))
+                    raw_thread(file, size, cell, bs, duration, seed ^ (u64::from(t) << 32))
                 })
             })
             .collect();
@@ -624,7 +774,7 @@ fn raw_threads(
 }
 
 fn raw_thread(
-    path: &Path,
+    storage: &StorageFile,
     size: u64,
     cell: Cell,
     bs: u32,
@@ -632,15 +782,21 @@ fn raw_thread(
     seed: u64,
 ) -> Result<RawThread, String> {
     let write = cell.op == OpKind::Randwrite;
+    let path = &storage.path;
     let file = OpenOptions::new()
         .read(true)
         .write(write)
+        .custom_flags(if storage.direct { libc::O_DIRECT } else { 0 })
         .open(path)
         .map_err(|e| format!("opening {}: {e}", path.display()))?;
     let depth = usize::from(cell.depth.max(1));
     let entries = u32::from(cell.depth.max(1)).next_power_of_two();
     let mut ring = IoUring::new(entries).map_err(|e| format!("io_uring setup: {e}"))?;
-    let mut bufs: Vec<Vec<u8>> = (0..depth).map(|_| vec![0xa5u8; bs as usize]).collect();
+    // 4 KiB-aligned buffers (O_DIRECT needs them): each slot's buffer starts at the next
+    // 4 KiB boundary of its allocation.
+    let mut bufs: Vec<Vec<u8>> = (0..depth)
+        .map(|_| vec![0xa5u8; bs as usize + 4096])
+        .collect();
     let mut submitted_at = vec![Instant::now(); depth];
     let mut free: Vec<usize> = (0..depth).rev().collect();
     let blocks = (size / u64::from(bs)).max(1);
@@ -661,7 +817,8 @@ fn raw_thread(
             let r = rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
             let block = u64::try_from((u128::from(r) * u128::from(blocks)) >> 64).unwrap_or(0);
             let off = block * u64::from(bs);
-            let buf = bufs[slot].as_mut_ptr();
+            let raw = bufs[slot].as_mut_ptr();
+            let buf = raw.wrapping_add(raw.align_offset(4096));
             let sqe = if write {
                 opcode::Write::new(fd, buf, bs).offset(off).build()
             } else {
@@ -721,12 +878,19 @@ fn markdown(args: &Args, cells: &[Cell], res: &Results, total: Duration) -> Stri
     let _ = writeln!(s, "# blkbench\n");
     let _ = writeln!(
         s,
-        "{} KiB requests on `{}` ({} MiB, preallocated and filled), {:.1} s per cell after a {} ms warm-up; \
+        "{} KiB requests on {} MiB files (preallocated and filled): `tmpfs` {}, `pagecache` and `disk` \
+         under {} (the root file system: {}), `disk` served with O_DIRECT (ours `--direct`, qsd \
+         `cache.direct=on`); {:.1} s per cell after a {} ms warm-up; \
          frontend: `vring_tests::frontend`, {} rings of {} entries{}, EVENT_IDX where offered, completions by {}. \
          Host: {} CPUs, kernel {}. Nothing is pinned: the frontend shares the CPUs with the backend.\n",
         args.bs / 1024,
-        args.file.display(),
         args.size_mib,
+        args.file.display(),
+        args.disk_dir
+            .clone()
+            .unwrap_or_else(|| repo_root().join(".cache").join("blkbench"))
+            .display(),
+        root_fs(),
         args.duration,
         args.warmup_ms,
         if args.packed { "packed (ours) / split (qsd)" } else { "split" },
@@ -738,9 +902,9 @@ fn markdown(args: &Args, cells: &[Cell], res: &Results, total: Duration) -> Stri
     );
     let _ = writeln!(
         s,
-        "| cell | backend | IOPS | p50 µs | p99 µs | backend CPU s | IOPS / backend CPU-s | frontend CPU s |"
+        "| cell | backend | IOPS | p50 µs | p99 µs | backend CPU s | backend CPU µs/request | IOPS / backend CPU-s | frontend CPU s |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for &cell in cells {
         for &b in &args.backends {
             let Some((_, _, o)) = res.rows.iter().find(|(rb, rc, _)| *rb == b && *rc == cell)
@@ -760,24 +924,26 @@ fn markdown(args: &Args, cells: &[Cell], res: &Results, total: Duration) -> Stri
                     };
                     let _ = writeln!(
                         s,
-                        "| {cell} | {b} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {other} |",
+                        "| {cell} | {b} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {} | {other} |",
                         m.iops(),
                         us(m.lat.p50),
                         us(m.lat.p99),
                         m.backend_cpu,
+                        fmt_opt(m.cpu_us_per_request(), 1),
                         fmt_opt(m.iops_per_cpu(), 0),
                     );
                 }
                 Err(e) => {
                     let e = e.replace('|', "\\|").replace('\n', " ");
-                    let _ = writeln!(s, "| {cell} | {b} | unavailable: {e} | | | | | |");
+                    let _ = writeln!(s, "| {cell} | {b} | unavailable: {e} | | | | | | |");
                 }
             }
         }
     }
     let _ = writeln!(
         s,
-        "\nbackend CPU: utime+stime of the backend process (/proc/PID/stat, 10 ms ticks) over the cell; \
+        "\nbackend CPU: utime+stime of the backend process (/proc/PID/stat, 10 ms ticks) over the cell, \
+         its io_uring worker threads included (they are threads of the process); \
          raw io_uring: the submitting threads' own CPU time. frontend CPU: this process \
          (the frontend's queue threads) over the cell.\n"
     );
@@ -829,29 +995,71 @@ fn targets(args: &Args, cells: &[Cell], res: &Results) -> String {
         }
         summary.push((name.to_string(), all));
     };
-    let qd32: Vec<Cell> = cells.iter().copied().filter(|c| c.depth == 32).collect();
-    let qd1: Vec<Cell> = cells.iter().copied().filter(|c| c.depth == 1).collect();
+    let pick = |storages: &[StorageKind], depth: Option<u16>| -> Vec<Cell> {
+        cells
+            .iter()
+            .copied()
+            .filter(|c| storages.contains(&c.storage) && depth.is_none_or(|d| c.depth == d))
+            .collect()
+    };
+    let memory_like = [StorageKind::Tmpfs, StorageKind::Pagecache];
     check(
         &mut s,
-        "IOPS/CPU-s ≥ 1.5× qsd (QD32)",
-        qd32,
+        "tmpfs: QD32 IOPS/CPU-s ≥ 5× qsd",
+        pick(&[StorageKind::Tmpfs], Some(32)),
         &|m| m.iops_per_cpu(),
         BackendKind::Qsd,
-        &|o, r| o >= 1.5 * r,
+        &|o, r| o >= 5.0 * r,
         &|o, r| o / r,
     );
     check(
         &mut s,
-        "QD1 p50 µs ≤ qsd",
-        qd1,
+        "pagecache: QD32 IOPS/CPU-s ≥ 3× qsd",
+        pick(&[StorageKind::Pagecache], Some(32)),
+        &|m| m.iops_per_cpu(),
+        BackendKind::Qsd,
+        &|o, r| o >= 3.0 * r,
+        &|o, r| o / r,
+    );
+    check(
+        &mut s,
+        "tmpfs, pagecache: QD1 p50 ≤ 0.8× qsd",
+        pick(&memory_like, Some(1)),
         &|m| Some(us(m.lat.p50)),
+        BackendKind::Qsd,
+        &|o, r| o <= 0.8 * r,
+        &|o, r| o / r,
+    );
+    check(
+        &mut s,
+        "tmpfs, pagecache: QD1 CPU µs/request ≤ qsd",
+        pick(&memory_like, Some(1)),
+        &|m| m.cpu_us_per_request(),
         BackendKind::Qsd,
         &|o, r| o <= r,
         &|o, r| o / r,
     );
     check(
         &mut s,
-        "IOPS ≥ 0.8× raw io_uring",
+        "disk: IOPS ≥ qsd",
+        pick(&[StorageKind::Disk], None),
+        &|m| Some(m.iops()),
+        BackendKind::Qsd,
+        &|o, r| o >= r,
+        &|o, r| o / r,
+    );
+    check(
+        &mut s,
+        "disk: CPU µs/request ≤ 0.5× qsd",
+        pick(&[StorageKind::Disk], None),
+        &|m| m.cpu_us_per_request(),
+        BackendKind::Qsd,
+        &|o, r| o <= 0.5 * r,
+        &|o, r| o / r,
+    );
+    check(
+        &mut s,
+        "IOPS ≥ 0.8× raw io_uring (informational)",
         cells.to_vec(),
         &|m| Some(m.iops()),
         BackendKind::Raw,
@@ -868,6 +1076,20 @@ fn targets(args: &Args, cells: &[Cell], res: &Results) -> String {
         let _ = writeln!(s, "- {name}: {verdict}");
     }
     s
+}
+
+/// The root file system's type, from /proc/mounts.
+fn root_fs() -> String {
+    std::fs::read_to_string("/proc/mounts")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(1) == Some(&"/"))
+                    .then(|| format!("{} on {}", f.get(2).unwrap_or(&"?"), f[0]))
+            })
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// A grouped bar chart: one group per cell, one bar per backend, height = IOPS.
@@ -944,8 +1166,9 @@ fn chart(args: &Args, cells: &[Cell], res: &Results) -> String {
         let cx = gx + bar_w * backends.len() as f64 / 2.0;
         let _ = writeln!(
             s,
-            r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle">{}</text><text x="{cx:.1}" y="{:.1}" text-anchor="middle">QD{} {}q</text>"#,
+            r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle">{} {}</text><text x="{cx:.1}" y="{:.1}" text-anchor="middle">QD{} {}q</text>"#,
             top + plot_h + 16.0,
+            cell.storage,
             cell.op,
             top + plot_h + 30.0,
             cell.depth,
