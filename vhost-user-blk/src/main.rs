@@ -33,9 +33,16 @@ use virtio_core::{DescriptorChain, GuestMemoryView};
 struct Options {
     #[command(flatten)]
     blk: BlockArgs,
-    /// Busy-poll each ring for this many microseconds before sleeping on its kick.
+    /// Busy-poll each ring for this many microseconds before sleeping on its kick (a
+    /// fixed window; 0: the adaptive window below).
     #[arg(long, default_value_t = 0)]
     poll_us: u64,
+    /// Adaptive polling: after a ring was found empty or completions were returned, poll
+    /// for a window learned from recent gaps between requests, at most this many
+    /// microseconds; rings whose requests come further apart (idle ones) do not poll.
+    /// 0 disables polling.
+    #[arg(long, default_value_t = 50)]
+    adaptive_poll_max_us: u64,
     /// Queues served by one worker thread (1: a thread per queue).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     queues_per_thread: u16,
@@ -220,6 +227,7 @@ fn run() -> Result<(), String> {
     let config = ServerConfig {
         queues_per_thread: usize::from(options.queues_per_thread),
         poll_us: options.poll_us,
+        adaptive_poll_max_us: options.adaptive_poll_max_us,
         thread_name: "vublk".into(),
         ..ServerConfig::default()
     };

@@ -980,7 +980,10 @@ impl<'a, D: Device> Connection<'a, D> {
             let group = self.config.queues_per_thread.max(1);
             let name = format!("{}-q{}", self.config.thread_name, w * group);
             let settings = WorkerSettings {
-                poll: Duration::from_micros(self.config.poll_us),
+                poll: super::poll::PollPolicy::from_config(
+                    self.config.poll_us,
+                    self.config.adaptive_poll_max_us,
+                ),
                 drain_timeout: self.config.drain_timeout,
             };
             self.workers[w] = Some(WorkerHandle::spawn(

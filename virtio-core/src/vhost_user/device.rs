@@ -393,6 +393,11 @@ impl Vring {
         Ok(())
     }
 
+    /// True if chains were returned since the last [`Self::signal_used`].
+    pub(crate) fn has_unsignalled_used(&self) -> bool {
+        self.used_pending
+    }
+
     /// Signals the driver now, if chains were returned since the last signal and its
     /// notification suppression asks for it. The worker does this after every handler
     /// call; handlers may call it earlier to cut latency in a long batch.

@@ -21,10 +21,15 @@ pub struct ServerConfig {
     /// Queues served by one worker thread: queue `i` goes to thread `i / queues_per_thread`
     /// (1, the default: one thread per queue). 0 is taken as 1.
     pub queues_per_thread: usize,
-    /// Busy polling: after processing, keep polling the rings (with notifications off) for
-    /// this many microseconds before re-enabling notifications and sleeping. 0 (the
-    /// default) never polls.
+    /// Fixed busy polling: after processing, keep polling the rings (with notifications
+    /// off) for this many microseconds before re-enabling notifications and sleeping. 0
+    /// (the default): the adaptive window of [`Self::adaptive_poll_max_us`].
     pub poll_us: u64,
+    /// Adaptive busy polling (when `poll_us` is 0): after a ring was found empty or
+    /// completions were returned, poll for a window learned from the recent gaps until
+    /// the next request, at most this many microseconds; rings whose requests come
+    /// further apart do not poll. 0 never polls. Default 50.
+    pub adaptive_poll_max_us: u64,
     /// How long stopping a ring (GET_VRING_BASE, reset, disconnect) waits for its
     /// in-flight requests before giving up on them.
     pub drain_timeout: Duration,
@@ -37,6 +42,7 @@ impl Default for ServerConfig {
         ServerConfig {
             queues_per_thread: 1,
             poll_us: 0,
+            adaptive_poll_max_us: 50,
             drain_timeout: Duration::from_secs(30),
             thread_name: "vhost-user".into(),
         }

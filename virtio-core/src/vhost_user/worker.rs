@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::device::{Processed, QueueHandler, Vring};
 use super::error::{DeviceError, Error, Result};
+use super::poll::{PollPolicy, Poller};
 use crate::memory::GuestMemoryView;
 
 /// A started queue, as handed to its worker.
@@ -59,8 +60,8 @@ pub(crate) enum Command<H> {
 /// Worker tuning.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct WorkerSettings {
-    /// Busy-poll the rings this long after the last work before sleeping (0: never).
-    pub poll: Duration,
+    /// How long to busy-poll the rings after the last work before sleeping.
+    pub poll: PollPolicy,
     /// How long a stopping ring waits for in-flight chains.
     pub drain_timeout: Duration,
 }
@@ -178,6 +179,8 @@ struct Slot<H> {
     broken: bool,
     /// Busy-polling until then, with notifications off.
     poll_deadline: Option<Instant>,
+    /// The ring's poll window.
+    poller: Poller,
 }
 
 struct Worker<H> {
@@ -272,6 +275,20 @@ impl<H: QueueHandler> Worker<H> {
                     Self::break_queue(&self.needs_reset, s, &e);
                 } else if s.throttled {
                     s.kicked = true;
+                } else if s.poller.enabled()
+                    && matches!(s.state, State::Running)
+                    && s.q.vring.enabled()
+                    && s.q.vring.has_unsignalled_used()
+                {
+                    // Completions go back to the driver now: its next request usually
+                    // follows within its reaction time, so poll for it (notifications
+                    // off) if recent gaps were short.
+                    let now = Instant::now();
+                    let window = s.poller.arm(now);
+                    if !window.is_zero() {
+                        s.q.vring.queue_mut().disable_notification();
+                        s.poll_deadline = Some(now + window);
+                    }
                 }
                 s.q.vring.signal_used();
             }
@@ -387,6 +404,7 @@ impl<H: QueueHandler> Worker<H> {
             throttled: false,
             broken: false,
             poll_deadline: None,
+            poller: Poller::new(self.settings.poll),
         });
         Ok(())
     }
@@ -474,8 +492,7 @@ impl<H: QueueHandler> Worker<H> {
     }
 
     fn run_queues(&mut self) {
-        let poll = self.settings.poll;
-        let polling = !poll.is_zero();
+        let polling = self.settings.poll != PollPolicy::Off;
         let now = if polling { Some(Instant::now()) } else { None };
         for s in self.slots.iter_mut().flatten() {
             if !matches!(s.state, State::Running) || s.broken {
@@ -487,14 +504,14 @@ impl<H: QueueHandler> Worker<H> {
                 continue;
             }
             if s.kicked {
-                Self::process(&self.needs_reset, s, poll);
+                Self::process(&self.needs_reset, s);
             } else if let (Some(deadline), Some(now)) = (s.poll_deadline, now) {
                 match s.q.vring.has_available() {
-                    Ok(true) if !s.throttled => Self::process(&self.needs_reset, s, poll),
+                    Ok(true) if !s.throttled => Self::process(&self.needs_reset, s),
                     Ok(_) if now >= deadline => {
                         s.poll_deadline = None;
                         match s.q.vring.queue_mut().enable_notification() {
-                            Ok(true) => Self::process(&self.needs_reset, s, poll),
+                            Ok(true) => Self::process(&self.needs_reset, s),
                             Ok(false) => {}
                             Err(e) => {
                                 Self::break_queue(&self.needs_reset, s, &DeviceError::Queue(e))
@@ -511,8 +528,11 @@ impl<H: QueueHandler> Worker<H> {
 
     /// Processes a queue until its ring is empty with notifications re-enabled (or, when
     /// busy polling, until the next poll check), or the handler is throttled.
-    fn process(needs_reset: &AtomicBool, s: &mut Slot<H>, poll: Duration) {
+    fn process(needs_reset: &AtomicBool, s: &mut Slot<H>) {
         s.kicked = false;
+        if s.poller.enabled() {
+            s.poller.observe(Instant::now());
+        }
         for _ in 0..MAX_ROUNDS {
             s.q.vring.queue_mut().disable_notification();
             let r = s.q.handler.process(&mut s.q.vring);
@@ -533,9 +553,13 @@ impl<H: QueueHandler> Worker<H> {
                 }
                 Ok(Processed::Empty) => s.throttled = false,
             }
-            if !poll.is_zero() {
-                s.poll_deadline = Some(Instant::now() + poll);
-                return;
+            if s.poller.enabled() {
+                let now = Instant::now();
+                let window = s.poller.arm(now);
+                if !window.is_zero() {
+                    s.poll_deadline = Some(now + window);
+                    return;
+                }
             }
             // Re-enable notifications, then re-check: buffers made available before the
             // driver saw notifications on would otherwise come with no kick.
