@@ -187,33 +187,47 @@ pub enum Storage {
     PageCache {
         /// The file system (or "block device").
         fs: &'static str,
+        /// A local disk file system (ext4, xfs, btrfs, f2fs) or a block device, where a
+        /// buffered write of whole pages is a copy into the page cache unless the kernel
+        /// throttles dirty pages; not a network or FUSE file system, whose writes wait
+        /// on a server.
+        local: bool,
     },
     /// Opened with `O_DIRECT`: every transfer waits on the device.
     Direct,
 }
 
-/// The file system `file` is on, by `fstatfs` magic: its name and whether it is memory.
-fn file_system(file: &File) -> (&'static str, bool) {
+/// What a file system is, for [`Storage`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FsClass {
+    Memory,
+    LocalDisk,
+    Other,
+}
+
+/// The file system `file` is on, by `fstatfs` magic.
+fn file_system(file: &File) -> (&'static str, FsClass) {
     // SAFETY: `statfs` is plain old data for which all-zeroes is valid.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a live statfs buffer; the fd is owned by `file`.
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-        return ("an unknown file system", false);
+        return ("an unknown file system", FsClass::Other);
     }
     // f_type's C type differs between architectures; the magics fit in 32 bits.
     #[allow(clippy::unnecessary_cast, clippy::cast_possible_truncation)]
     match st.f_type as u32 {
-        0x0102_1994 => ("tmpfs", true),
-        0x9584_58f6 => ("hugetlbfs", true),
-        0x8584_58f6 => ("ramfs", true),
-        0xef53 => ("ext4", false),
-        0x5846_5342 => ("xfs", false),
-        0x9123_683e => ("btrfs", false),
-        0x6573_5546 => ("fuse", false),
-        0x794c_7630 => ("overlayfs", false),
-        0x6969 => ("nfs", false),
-        0x2fc1_2fc1 => ("zfs", false),
-        _ => ("another file system", false),
+        0x0102_1994 => ("tmpfs", FsClass::Memory),
+        0x9584_58f6 => ("hugetlbfs", FsClass::Memory),
+        0x8584_58f6 => ("ramfs", FsClass::Memory),
+        0xef53 => ("ext4", FsClass::LocalDisk),
+        0x5846_5342 => ("xfs", FsClass::LocalDisk),
+        0x9123_683e => ("btrfs", FsClass::LocalDisk),
+        0xf2f5_2010 => ("f2fs", FsClass::LocalDisk),
+        0x6573_5546 => ("fuse", FsClass::Other),
+        0x794c_7630 => ("overlayfs", FsClass::Other),
+        0x6969 => ("nfs", FsClass::Other),
+        0x2fc1_2fc1 => ("zfs", FsClass::Other),
+        _ => ("another file system", FsClass::Other),
     }
 }
 
@@ -405,11 +419,17 @@ impl BlockBackend {
         let storage = if opts.direct {
             Storage::Direct
         } else if block_device {
-            Storage::PageCache { fs: "block device" }
+            Storage::PageCache {
+                fs: "block device",
+                local: true,
+            }
         } else {
             match file_system(&file) {
-                (fs, true) => Storage::Memory { fs },
-                (fs, false) => Storage::PageCache { fs },
+                (fs, FsClass::Memory) => Storage::Memory { fs },
+                (fs, class) => Storage::PageCache {
+                    fs,
+                    local: class == FsClass::LocalDisk,
+                },
             }
         };
         Ok(BlockBackend {

@@ -1067,7 +1067,8 @@ impl BlockQueue {
     pub(crate) fn sync_engine(&mut self) -> Option<&mut crate::io::SyncEngine> {
         match &mut self.engine {
             Engine::Sync(s) => Some(s),
-            Engine::Uring(_) | Engine::Adaptive(_) => None,
+            Engine::Adaptive(a) => Some(a.inline_engine()),
+            Engine::Uring(_) => None,
         }
     }
 }

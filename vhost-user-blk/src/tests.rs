@@ -1522,3 +1522,45 @@ fn adaptive_engine_reads_cached_pages_inline_and_sends_others_to_io_uring() {
     let c = h.bq.path_counts().unwrap();
     assert_eq!(c.uring, before.uring, "{c:?}");
 }
+
+#[test]
+fn adaptive_engine_writes_whole_pages_inline_until_one_stalls() {
+    if !adaptive_available() {
+        return;
+    }
+    let mut h = Harness::new(RingLayout::Split, EngineKind::Adaptive, &Opts::default());
+    if !matches!(h.backend.storage(), Storage::PageCache { local: true, .. }) {
+        println!("SKIPPED: the temp dir is not on a local disk file system");
+        return;
+    }
+    let page = pattern(4096, 1);
+    h.write_sync(8, &page);
+    let c0 = h.bq.path_counts().unwrap();
+    // ext4 refuses RWF_NOWAIT writes: whole pages then go inline; xfs and btrfs take
+    // them with RWF_NOWAIT, inline too.
+    assert_eq!(c0.uring, 0, "{c0:?}");
+    // A partial page may need a read from the device: io_uring.
+    h.write_sync(1, &pattern(512, 2));
+    let c1 = h.bq.path_counts().unwrap();
+    let guarded = c1.uring == 1;
+    if !guarded {
+        println!("SKIPPED the stall part: this file system takes RWF_NOWAIT writes");
+        return;
+    }
+    // A write that stalls sends the next ones to io_uring for the cool-down period.
+    h.bq.sync_engine().unwrap().slow_writes = Some(crate::io::adaptive::STALL * 3);
+    h.write_sync(16, &page);
+    h.bq.sync_engine().unwrap().slow_writes = None;
+    h.write_sync(24, &page);
+    let c2 = h.bq.path_counts().unwrap();
+    assert_eq!(c2.stalls, 1, "{c2:?}");
+    assert_eq!(c2.uring, c1.uring + 1, "after the stall: io_uring {c2:?}");
+    std::thread::sleep(crate::io::adaptive::COOLDOWN);
+    h.write_sync(32, &page);
+    let c3 = h.bq.path_counts().unwrap();
+    assert_eq!(
+        c3.uring, c2.uring,
+        "inline again after the cool-down {c3:?}"
+    );
+    assert_eq!(h.file.read_at(32 * 512, 4096), page);
+}

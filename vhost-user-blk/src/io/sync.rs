@@ -22,6 +22,9 @@ pub(crate) struct SyncEngine {
     /// Test hook: transfer at most this many bytes per read or write (short I/O).
     #[cfg(test)]
     pub(crate) max_transfer: Option<usize>,
+    /// Test hook: every write takes at least this long (a throttled write).
+    #[cfg(test)]
+    pub(crate) slow_writes: Option<std::time::Duration>,
 }
 
 fn neg_errno(e: &io::Error) -> i32 {
@@ -51,6 +54,8 @@ impl SyncEngine {
             held: Vec::new(),
             #[cfg(test)]
             max_transfer: None,
+            #[cfg(test)]
+            slow_writes: None,
         }
     }
 
@@ -162,6 +167,10 @@ impl SyncEngine {
                 let Some(off) = offset_of(offset) else {
                     return -libc::EINVAL;
                 };
+                #[cfg(test)]
+                if let Some(d) = self.slow_writes {
+                    std::thread::sleep(d);
+                }
                 #[cfg(test)]
                 let mut tmp = libc::iovec {
                     iov_base: std::ptr::null_mut(),

@@ -597,7 +597,13 @@ impl Session {
                 eprintln!("  {:>12}: shutdown: {e}", self.backend);
             }
         }
-        let _ = self.daemon.stop();
+        match self.daemon.stop() {
+            // With BLKBENCH_BACKEND_LOG set, the daemon's log is what was asked for.
+            Ok((_, log)) if std::env::var_os("BLKBENCH_BACKEND_LOG").is_some() => {
+                eprintln!("----- {} log -----\n{log}----- end -----", self.backend);
+            }
+            _ => {}
+        }
     }
 }
 
