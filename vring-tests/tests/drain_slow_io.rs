@@ -4,8 +4,10 @@
 //! The slow disk is real: `qemu-storage-daemon` exports a throttled block node (20 IOPS)
 //! over FUSE as a regular file, which our `vhost-user-blk` daemon serves through
 //! io_uring. The daemon must be built first (`cargo build --release -p vhost-user-blk`,
-//! or `$E2E_VHOST_USER_BLK`); the test needs `/dev/fuse` and qemu-storage-daemon
-//! (`vring-tests/scripts/install-test-deps.sh`).
+//! or `$E2E_VHOST_USER_BLK`); the test needs qemu-storage-daemon
+//! (`vring-tests/scripts/install-test-deps.sh`) and FUSE mounts: root with `/dev/fuse`,
+//! or `fusermount3` (package fuse3) for other users. It fails, with the daemon's log,
+//! when the export cannot be set up.
 
 #![allow(
     clippy::unwrap_used,
