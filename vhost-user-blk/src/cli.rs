@@ -7,6 +7,20 @@ use crate::backend::{BackendOptions, CacheMode};
 use crate::device::DeviceOptions;
 use crate::io::EngineChoice;
 
+/// Most queues [`default_num_queues`] offers.
+pub const MAX_DEFAULT_QUEUES: u16 = 64;
+
+/// The default `--num-queues`: the host's CPU count
+/// ([`std::thread::available_parallelism`]), at least 1 and at most
+/// [`MAX_DEFAULT_QUEUES`], so that QEMU's default of one queue per vCPU fits a guest
+/// with as many vCPUs as the host has CPUs.
+pub fn default_num_queues() -> u16 {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    u16::try_from(cpus)
+        .unwrap_or(MAX_DEFAULT_QUEUES)
+        .clamp(1, MAX_DEFAULT_QUEUES)
+}
+
 /// Block device options.
 #[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
 pub struct BlockArgs {
@@ -34,8 +48,11 @@ pub struct BlockArgs {
     /// I/O engine: auto (io_uring if available), io_uring or sync.
     #[arg(long, default_value_t = EngineChoice::Auto)]
     pub engine: EngineChoice,
-    /// Number of request queues.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Number of request queues offered (default: the host's CPU count, at most
+    /// 64). QEMU's vhost-user-blk-pci uses one queue per vCPU unless its num-queues= is
+    /// set, and refuses a backend with fewer. Only the queues the guest enables cost a
+    /// worker thread.
+    #[arg(long, default_value_t = default_num_queues(), value_parser = clap::value_parser!(u16).range(1..))]
     pub num_queues: u16,
     /// Largest queue size accepted.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..=32768))]
@@ -104,5 +121,14 @@ mod tests {
         assert_eq!(cli.blk.device_options().num_queues, 4);
         assert_eq!(cli.blk.device_options().max_queue_size, 1024);
         assert!(Cli::try_parse_from(["x", "--blk-file", "p", "--num-queues", "0"]).is_err());
+    }
+
+    #[test]
+    fn num_queues_defaults_to_the_cpu_count() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        let expected = cpus.clamp(1, usize::from(MAX_DEFAULT_QUEUES));
+        let cli = Cli::parse_from(["x", "--blk-file", "p"]);
+        assert_eq!(usize::from(cli.blk.num_queues), expected);
+        assert_eq!(usize::from(default_num_queues()), expected);
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Follows the backend program conventions of QEMU's `docs/interop/vhost-user.rst`:
 //! `--socket-path PATH` or `--fd N`, `--print-capabilities`, `--blk-file PATH`,
-//! `--read-only`. The daemon serves one frontend at a time and, when it disconnects,
+//! `--read-only` (all listed by `--help`, which ends with a QEMU command line). The daemon serves one frontend at a time and, when it disconnects,
 //! accepts the next one on the same socket. SIGTERM/SIGINT stop it; SIGHUP re-reads the
 //! disk size and, if it changed, tells the frontend with a config-change message.
 
@@ -23,14 +23,30 @@ use virtio_core::vhost_user::{
 };
 use virtio_core::{DescriptorChain, GuestMemoryView};
 
-/// Options beyond the backend program conventions (which are taken out first).
+/// Shown at the end of `--help`: a command line to copy.
+const AFTER_HELP: &str = "\
+Example: serve disk.img to a QEMU guest (vhost-user needs the guest RAM in shared memory):
+
+  vhost-user-blk --socket-path /tmp/vublk.sock --blk-file disk.img &
+  qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem -chardev socket,id=blk0,path=/tmp/vublk.sock -device vhost-user-blk-pci,chardev=blk0 ...
+
+(then your usual -machine, -smp, -kernel or boot disk options).
+Add packed=on to -device for the packed ring. QEMU gives vhost-user-blk-pci one queue per
+vCPU unless num-queues= is set, and refuses a backend with fewer: keep --num-queues at least
+that. SIGHUP re-reads the disk size; SIGTERM stops the daemon; RUST_LOG=debug for more logging.";
+
+/// The daemon's command line: the backend program conventions (vhost-user.rst) and the
+/// block device options.
 #[derive(Parser, Debug)]
 #[command(
     name = "vhost-user-blk",
     version,
-    about = "vhost-user block device backend"
+    about = "vhost-user block device backend: serves a disk image or block device to a VM",
+    after_help = AFTER_HELP
 )]
 struct Options {
+    #[command(flatten)]
+    conventions: BackendArgs,
     #[command(flatten)]
     blk: BlockArgs,
     /// Busy-poll each ring for this many microseconds before sleeping on its kick (a
@@ -186,16 +202,22 @@ impl Device for BlkDevice {
 }
 
 fn run() -> Result<(), String> {
-    let (conventions, rest) =
-        BackendArgs::parse_known(std::env::args().skip(1)).map_err(|e| e.to_string())?;
-    if conventions.print_capabilities {
+    // --print-capabilities works alone, without the options the parser requires
+    // (vhost-user.rst: the frontend runs it to probe the back-end). Malformed
+    // conventional options are reported by the parser below.
+    let lossy = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned());
+    if BackendArgs::parse_known(lossy).is_ok_and(|(a, _)| a.print_capabilities) {
         return Capabilities::new("block")
             .feature("read-only")
             .feature("blk-file")
             .print()
             .map_err(|e| format!("printing capabilities: {e}"));
     }
-    let options = Options::parse_from(std::iter::once("vhost-user-blk".to_string()).chain(rest));
+    // Prints usage and exits 2 on a bad command line; exactly one of --socket-path and
+    // --fd is required.
+    let options = Options::parse();
     let engine = options
         .blk
         .engine
@@ -223,7 +245,10 @@ fn run() -> Result<(), String> {
     let device = Arc::new(BlkDevice {
         dev: BlockDevice::new(Arc::new(backend), options.blk.device_options(), engine),
     });
-    let socket = conventions.into_socket().map_err(|e| e.to_string())?;
+    let socket = options
+        .conventions
+        .into_socket()
+        .map_err(|e| e.to_string())?;
     let config = ServerConfig {
         queues_per_thread: usize::from(options.queues_per_thread),
         poll_us: options.poll_us,

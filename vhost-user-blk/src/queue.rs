@@ -12,7 +12,8 @@
 //! process(vring)                     process_available(ring); Throttled if
 //!                                    is_throttled(), else Empty
 //! handle_event(_, vring)             process_completions(ring)
-//! drain(vring)                       drain(ring) (waits for all I/O in flight)
+//! drain(vring)                       drain(ring) (returns at once; what is still in
+//!                                    flight completes through process_completions)
 //! memory_changed(_)                  release_idle_memory()
 //! ```
 //!
@@ -35,12 +36,12 @@
 use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use virtio_core::{DescriptorChain, Queue};
 
 use crate::backend::{BlockBackend, CacheMode};
-use crate::io::{AlignedBuf, Engine, EngineKind, Op, IOV_MAX};
+use crate::io::{AlignedBuf, Engine, EngineKind, Op, SyncEngine, IOV_MAX};
 use crate::metrics::QueueMetrics;
 use crate::ratelimit::RateLimiter;
 use crate::request::{
@@ -56,6 +57,11 @@ pub const BOUNCE_CHUNK: usize = 256 * 1024;
 const LOG_BURST: u32 = 10;
 /// Consecutive EAGAIN/EINTR results tolerated for one operation.
 const MAX_RETRIES: u32 = 1000;
+/// Longest time dropping a [`BlockQueue`] waits for operations still in flight before
+/// giving up on them (and leaking every buffer they may still touch). The vhost-user
+/// worker drops a queue after its drain completed or the server's drain timeout passed,
+/// so this bound is only reached by I/O stuck in the kernel.
+pub const DROP_WAIT: Duration = Duration::from_secs(5);
 
 /// The ring a [`BlockQueue`] takes requests from and returns them to.
 ///
@@ -544,6 +550,8 @@ pub struct BlockQueue {
     ops_in_flight: usize,
     /// Popping stopped because every slot was busy.
     throttled: bool,
+    /// [`BlockQueue::drain`] was called: pop nothing more.
+    draining: bool,
     metrics: Arc<QueueMetrics>,
     log_limit: RateLimiter,
 }
@@ -596,6 +604,7 @@ impl BlockQueue {
             completions: Vec::with_capacity(usize::from(queue_size)),
             ops_in_flight: 0,
             throttled: false,
+            draining: false,
             metrics: Arc::new(QueueMetrics::default()),
             log_limit: RateLimiter::new(LOG_BURST),
         })
@@ -662,9 +671,10 @@ impl BlockQueue {
     /// was busy with I/O still in flight (possible when the queue has more entries than
     /// the processor has slots, or when exactly all are in use): popping resumes in
     /// [`Self::process_completions`], which the completion eventfd triggers. A vhost-user
-    /// handler reports this as "throttled".
+    /// handler reports this as "throttled". Also true once [`Self::drain`] was called:
+    /// the chains left in the ring stay there.
     pub fn is_throttled(&self) -> bool {
-        self.throttled
+        self.throttled || self.draining
     }
 
     /// Pops every available request, validates it, and submits its first operation;
@@ -715,18 +725,29 @@ impl BlockQueue {
         Ok(returned)
     }
 
-    /// Waits for every request in flight to complete and returns them all to the
-    /// driver (for GET_VRING_BASE, device stop or reset). Pops nothing new. Returns true
-    /// if chains were returned to the driver.
+    /// Stops the queue without blocking (vhost-user `QueueHandler::drain`: GET_VRING_BASE,
+    /// device stop or reset): from now on nothing new is popped; operations still queued
+    /// are submitted, those already complete are reaped, and the requests they finish are
+    /// returned to the driver. Returns true if chains were returned.
+    ///
+    /// Requests whose I/O is still in flight ([`Self::in_flight`] > 0 afterwards)
+    /// complete later: keep calling [`Self::process_completions`] when
+    /// [`Self::completion_fd`] is readable, as the vhost-user worker does until the ring's
+    /// in-flight count is 0 or its drain timeout passes. Nothing here waits, so the other
+    /// queues of the same worker thread keep running. A draining processor is not
+    /// restarted: a restarted ring gets a new one.
     pub fn drain<R: RequestRing + ?Sized>(&mut self, ring: &mut R) -> Result<bool, QueueError> {
-        let mut result = self.engine.submit().and_then(|()| self.run_completions());
-        while result.is_ok() && self.ops_in_flight > 0 {
-            result = self.engine.wait().and_then(|()| self.run_completions());
-        }
+        self.draining = true;
+        self.throttled = false;
+        let result = self.engine.submit().and_then(|()| self.run_completions());
         let returned = self.publish(ring)?;
         result.map_err(QueueError::Engine)?;
-        self.throttled = false;
         Ok(returned)
+    }
+
+    /// True once [`Self::drain`] was called: the processor takes no new chains.
+    pub fn is_draining(&self) -> bool {
+        self.draining
     }
 
     /// For a worker driving a [`Queue`] directly: handles a kick by processing
@@ -739,7 +760,7 @@ impl BlockQueue {
         loop {
             queue.disable_notification();
             returned |= self.process_available(queue)?;
-            if self.throttled {
+            if self.is_throttled() {
                 break;
             }
             if !queue.enable_notification()? {
@@ -778,6 +799,9 @@ impl BlockQueue {
 
     fn pop_and_start<R: RequestRing + ?Sized>(&mut self, ring: &mut R) -> Result<(), QueueError> {
         self.throttled = false;
+        if self.draining {
+            return Ok(());
+        }
         loop {
             let Some(&idx) = self.free.last() else {
                 self.throttled = true;
@@ -1084,25 +1108,49 @@ fn suppressed_note(n: u64) -> String {
 impl Drop for BlockQueue {
     fn drop(&mut self) {
         // The kernel may still be reading or writing the buffers of operations in flight
-        // (guest memory, iovec arrays, bounce buffers): wait for them before freeing.
-        while self.ops_in_flight > 0 {
-            if let Err(e) = self.engine.wait() {
-                log::error!(
-                    "queue {}: cannot wait for {} operations in flight ({e}); leaking their buffers",
-                    self.index,
-                    self.ops_in_flight
-                );
-                // Keep everything the kernel may still touch: the slots (guest memory
-                // references, iovec arrays, bounce buffers) and the backend (zero buffer).
-                std::mem::forget(std::mem::take(&mut self.slots));
-                std::mem::forget(Arc::clone(&self.backend));
-                return;
-            }
+        // (guest memory, iovec arrays, bounce buffers): wait for them, bounded, before
+        // freeing. Their requests are not returned to the driver (the ring is gone).
+        if self.ops_in_flight == 0 {
+            return;
+        }
+        log::info!(
+            "queue {}: waiting up to {DROP_WAIT:?} for {} operations in flight",
+            self.index,
+            self.ops_in_flight
+        );
+        let deadline = Instant::now() + DROP_WAIT;
+        loop {
+            self.engine.clear_signal();
             let mut batch = std::mem::take(&mut self.completions);
             batch.clear();
             self.engine.reap(&mut batch);
             self.ops_in_flight = self.ops_in_flight.saturating_sub(batch.len());
+            batch.clear();
             self.completions = batch;
+            if self.ops_in_flight == 0 {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let failure = if left.is_zero() {
+                Some(format!("still running after {DROP_WAIT:?}"))
+            } else {
+                self.engine.wait_timeout(left).err().map(|e| e.to_string())
+            };
+            if let Some(why) = failure {
+                log::error!(
+                    "queue {}: {} operations in flight ({why}); leaking their buffers",
+                    self.index,
+                    self.ops_in_flight
+                );
+                // Keep everything the kernel may still touch: the slots (guest memory
+                // references, iovec arrays, bounce buffers), the backend (zero buffer,
+                // file) and the ring itself.
+                std::mem::forget(std::mem::take(&mut self.slots));
+                std::mem::forget(Arc::clone(&self.backend));
+                let engine = std::mem::replace(&mut self.engine, Engine::Sync(SyncEngine::new(-1)));
+                std::mem::forget(engine);
+                return;
+            }
         }
     }
 }

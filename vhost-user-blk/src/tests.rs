@@ -865,7 +865,15 @@ fn full_queue_in_flight_and_drain() {
             assert_eq!(h.bq.in_flight(), 16);
         }
         h.bq.drain(&mut h.queue).unwrap();
-        assert_eq!(h.bq.in_flight(), 0);
+        if engine == EngineKind::Sync {
+            // drain does not wait: the held completions are still in flight.
+            assert_eq!(h.bq.in_flight(), 16);
+            h.bq.sync_engine().unwrap().release(false);
+        }
+        while h.bq.in_flight() > 0 {
+            h.wait_completion_fd();
+            h.bq.process_completions(&mut h.queue).unwrap();
+        }
         let mut n = 0;
         while h.driver.pop_used(&h.mem).unwrap().is_some() {
             n += 1;
@@ -879,6 +887,63 @@ fn full_queue_in_flight_and_drain() {
             );
         }
     });
+}
+
+#[test]
+fn drain_returns_with_io_in_flight() {
+    for layout in LAYOUTS {
+        let mut h = Harness::new(layout, EngineKind::Sync, &Opts::default());
+        h.bq.sync_engine().unwrap().hold = true;
+        let reqs: Vec<Req> = (0..4u64).map(|i| h.read(i * 8, &[4096], false)).collect();
+        h.bq.handle_kick(&mut h.queue).unwrap();
+        assert_eq!(h.bq.in_flight(), 4);
+        // Returns at once, with the four requests still in flight and none returned.
+        assert!(!h.bq.drain(&mut h.queue).unwrap());
+        assert!(h.bq.is_draining());
+        assert_eq!(h.bq.in_flight(), 4);
+        assert_eq!(h.driver.pop_used(&h.mem).unwrap(), None);
+        // They complete through process_completions, as the worker delivers them.
+        h.bq.sync_engine().unwrap().release(false);
+        assert!(h.bq.process_completions(&mut h.queue).unwrap());
+        assert_eq!(h.bq.in_flight(), 0);
+        let used: Vec<(u16, u32)> =
+            std::iter::from_fn(|| h.driver.pop_used(&h.mem).unwrap()).collect();
+        assert_eq!(used.len(), 4);
+        for r in &reqs {
+            assert_eq!(h.status(r), STATUS_OK);
+        }
+    }
+}
+
+#[test]
+fn draining_queue_pops_no_new_chains() {
+    for layout in LAYOUTS {
+        let opts = Opts {
+            queue_size: 16,
+            ..Opts::default()
+        };
+        let mut h = Harness::new(layout, EngineKind::Sync, &opts);
+        // Two slots, both busy: popping is throttled with chains left in the ring.
+        h.bq = BlockQueue::new(Arc::clone(&h.backend), 2, EngineKind::Sync).unwrap();
+        h.bq.sync_engine().unwrap().hold = true;
+        for i in 0..5u64 {
+            h.read(i * 8, &[4096], false);
+        }
+        h.bq.handle_kick(&mut h.queue).unwrap();
+        assert!(h.bq.is_throttled());
+        assert_eq!(h.bq.in_flight(), 2);
+        h.bq.drain(&mut h.queue).unwrap();
+        // Slots freed by completions after drain are not refilled from the ring...
+        h.bq.sync_engine().unwrap().release(false);
+        h.bq.process_completions(&mut h.queue).unwrap();
+        assert_eq!(h.bq.in_flight(), 0);
+        // ...nor by a kick.
+        h.bq.handle_kick(&mut h.queue).unwrap();
+        assert_eq!(h.bq.in_flight(), 0);
+        let used = std::iter::from_fn(|| h.driver.pop_used(&h.mem).unwrap()).count();
+        assert_eq!(used, 2);
+        assert_eq!(h.bq.metrics().snapshot().requests, 2);
+    }
 }
 
 #[test]

@@ -4,6 +4,7 @@
 # demo; extra arguments go to demo-vm (--shell, --packed, --queues N, --image PATH).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+echo "demo: checking what the demo needs (vring-tests/scripts/install-test-deps.sh; the first run installs it)"
 bash vring-tests/scripts/install-test-deps.sh >/dev/null
 cargo build --release -q -p vhost-user-blk -p vring-tests --bins
 exec target/release/demo-vm "$@"

@@ -10,7 +10,8 @@
 #     $REPO/.cache/e2e/kernel/.
 #
 # Idempotent and non-interactive; when everything is already present it only
-# checks and exits (no apt-get update). Environment knobs:
+# checks and exits (no apt-get update, and no root needed). Installing needs root:
+# run it as root, or as a user with sudo. Environment knobs:
 #   E2E_REFRESH_KERNEL=1  re-resolve and re-extract the guest kernel.
 #   E2E_CACHE_DIR=DIR     cache root (default: $REPO/.cache/e2e).
 set -euo pipefail
@@ -26,11 +27,19 @@ CACHE_DIR=${E2E_CACHE_DIR:-$REPO/.cache/e2e}
 KERNEL_DIR=$CACHE_DIR/kernel
 
 SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || die "must run as root (or have sudo)"
+APT_OPTS=(-y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+APT_GET=(apt-get "${APT_OPTS[@]}")
+# need_root WHAT: root (or sudo) is needed from here on, to do WHAT.
+need_root() {
+    if [ "$(id -u)" -eq 0 ] || [ "${#SUDO[@]}" -gt 0 ]; then
+        return 0
+    fi
+    command -v sudo >/dev/null 2>&1 \
+        || die "root is needed to $1, and sudo is not installed: run $0 as root once (it is idempotent), then run the tests as any user"
+    log "using sudo to $1"
     SUDO=(sudo -E)
-fi
-APT_GET=("${SUDO[@]}" apt-get -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+    APT_GET=(sudo -E apt-get "${APT_OPTS[@]}")
+}
 
 [ -r /etc/os-release ] && . /etc/os-release
 if [ "${VERSION_CODENAME:-}" != "bookworm" ]; then
@@ -50,6 +59,7 @@ installed_version() {
 updated=0
 apt_update() {
     if [ "$updated" -eq 0 ]; then
+        need_root "update the apt package lists"
         log "apt-get update"
         "${APT_GET[@]}" update
         updated=1
@@ -64,6 +74,7 @@ if have_backports; then
     log "bookworm-backports apt source: present"
 else
     log "adding apt source /etc/apt/sources.list.d/bookworm-backports.sources"
+    need_root "add the bookworm-backports apt source"
     printf '%s\n' \
         'Types: deb' \
         'URIs: http://deb.debian.org/debian' \
@@ -89,6 +100,7 @@ done
 if [ "${#need_bp[@]}" -gt 0 ]; then
     apt_update
     log "apt-get install -t bookworm-backports --no-install-recommends ${need_bp[*]}"
+    need_root "install ${need_bp[*]}"
     "${APT_GET[@]}" install --no-install-recommends -t bookworm-backports "${need_bp[@]}"
 fi
 
@@ -106,6 +118,7 @@ done
 if [ "${#need_plain[@]}" -gt 0 ]; then
     apt_update
     log "apt-get install --no-install-recommends ${need_plain[*]}"
+    need_root "install ${need_plain[*]}"
     "${APT_GET[@]}" install --no-install-recommends "${need_plain[@]}"
 fi
 

@@ -243,12 +243,14 @@ impl AdaptiveEngine {
         self.uring.reap(out);
     }
 
-    /// Blocks until io_uring has a completion; returns at once if one was served inline.
-    pub(crate) fn wait(&mut self) -> io::Result<()> {
+    /// Submits, then waits at most `timeout` for io_uring to signal a completion;
+    /// returns at once if one was served inline.
+    pub(crate) fn wait_timeout(&mut self, timeout: Duration) -> io::Result<()> {
         if self.inline.has_completions() {
+            self.uring.submit()?;
             return Ok(());
         }
-        self.uring.wait()
+        self.uring.wait_timeout(timeout)
     }
 }
 

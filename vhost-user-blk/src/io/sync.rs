@@ -241,13 +241,6 @@ impl SyncEngine {
         out.append(&mut self.completed);
     }
 
-    /// Nothing is ever pending, except completions held back by the test hook, which
-    /// are released (in reverse order).
-    pub(crate) fn wait(&mut self) {
-        #[cfg(test)]
-        self.release(true);
-    }
-
     /// Test hook: makes the held completions available, newest first if `reverse`.
     #[cfg(test)]
     pub(crate) fn release(&mut self, reverse: bool) {

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
@@ -124,15 +125,28 @@ impl UringEngine {
         }
     }
 
-    /// Submits what is queued and blocks until at least one completion is available.
-    pub(crate) fn wait(&mut self) -> io::Result<()> {
-        loop {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
-                Err(e) => return Err(e),
+    /// Submits what is queued, then waits at most `timeout` for the completion eventfd
+    /// to become readable (it does not consume the readiness: see
+    /// [`Self::clear_signal`]). A signal (`EINTR`) ends the wait early without error.
+    pub(crate) fn wait_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.submit()?;
+        let mut pfd = libc::pollfd {
+            fd: self.eventfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // Round up so that a short remaining time still waits, and cap at a minute (the
+        // callers loop against their own deadline).
+        let ms =
+            libc::c_int::try_from(timeout.as_micros().div_ceil(1000).min(60_000)).unwrap_or(60_000);
+        // SAFETY: `pfd` is one valid pollfd, live for the duration of the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
             }
         }
+        Ok(())
     }
 }

@@ -54,13 +54,48 @@ pub enum ConventionError {
 }
 
 /// The conventional options of a vhost-user back-end program.
+///
+/// With the `clap` feature this is also a [`clap::Args`], to flatten into a daemon's
+/// parser (`#[command(flatten)] conventions: BackendArgs`): the options then show in
+/// `--help`, and clap requires exactly one of `--socket-path`, `--fd` and
+/// `--print-capabilities`. A daemon whose other options are required should look for
+/// `--print-capabilities` first with [`BackendArgs::parse_known`], so that it works
+/// alone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[cfg_attr(
+    feature = "clap",
+    group(id = "backend-socket", required = true, multiple = false)
+)]
 pub struct BackendArgs {
     /// `--socket-path=PATH`: the unix socket to listen on.
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            value_name = "PATH",
+            help = "Listen for the frontend (QEMU -chardev socket,path=PATH) on this unix socket"
+        )
+    )]
     pub socket_path: Option<PathBuf>,
     /// `--fd=FDNUM`: an inherited socket (listening, or already connected).
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            value_name = "FDNUM",
+            help = "Use this inherited unix socket (listening, or connected to the frontend) instead of --socket-path"
+        )
+    )]
     pub fd: Option<RawFd>,
     /// `--print-capabilities`: print the capabilities JSON and exit.
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            help = "Print the back-end capabilities JSON (vhost-user.rst) and exit"
+        )
+    )]
     pub print_capabilities: bool,
 }
 
@@ -287,6 +322,77 @@ mod tests {
         ));
         assert!(BackendArgs::parse_known(args(&["--fd=x"])).is_err());
         assert!(BackendArgs::parse_known(args(&["--socket-path"])).is_err());
+    }
+
+    #[cfg(feature = "clap")]
+    mod clap_args {
+        use super::*;
+        use clap::Parser;
+
+        #[derive(Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            conventions: BackendArgs,
+            #[arg(long)]
+            other: Option<String>,
+        }
+
+        fn parse(v: &[&str]) -> Result<BackendArgs, clap::Error> {
+            Cli::try_parse_from(std::iter::once("x").chain(v.iter().copied()))
+                .map(|c| c.conventions)
+        }
+
+        #[test]
+        fn accepts_both_socket_path_forms_and_fd() {
+            let p = Some(PathBuf::from("/tmp/x.sock"));
+            assert_eq!(
+                parse(&["--socket-path=/tmp/x.sock"]).unwrap().socket_path,
+                p
+            );
+            assert_eq!(
+                parse(&["--socket-path", "/tmp/x.sock"])
+                    .unwrap()
+                    .socket_path,
+                p
+            );
+            assert_eq!(parse(&["--fd=7"]).unwrap().fd, Some(7));
+            assert_eq!(parse(&["--fd", "7"]).unwrap().fd, Some(7));
+        }
+
+        #[test]
+        fn print_capabilities_needs_no_socket() {
+            let a = parse(&["--print-capabilities"]).unwrap();
+            assert!(a.print_capabilities);
+            assert_eq!((a.socket_path, a.fd), (None, None));
+        }
+
+        #[test]
+        fn exactly_one_of_socket_path_and_fd() {
+            let e = parse(&["--other", "v"]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+            let msg = e.to_string();
+            assert!(
+                msg.contains("--socket-path") && msg.contains("--fd"),
+                "{msg}"
+            );
+            let e = parse(&["--socket-path", "p", "--fd", "3"]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+            assert!(parse(&["--fd=x"]).is_err());
+        }
+
+        #[test]
+        fn options_show_in_help() {
+            let help = <Cli as clap::CommandFactory>::command()
+                .render_help()
+                .to_string();
+            for opt in [
+                "--socket-path <PATH>",
+                "--fd <FDNUM>",
+                "--print-capabilities",
+            ] {
+                assert!(help.contains(opt), "{opt} missing from:\n{help}");
+            }
+        }
     }
 
     #[test]
