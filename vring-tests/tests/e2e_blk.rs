@@ -117,6 +117,10 @@ struct DiskOpts {
     /// Serve the image through a [`ThrottledFile`] of this many writes per
     /// second, so that writes stay in flight in the backend for a while.
     write_iops: Option<u32>,
+    /// Keep the image on tmpfs (`/dev/shm`) instead of `/tmp`.
+    image_on_tmpfs: bool,
+    /// Our daemon opens the image with `--direct` (O_DIRECT).
+    direct: bool,
 }
 
 impl Default for DiskOpts {
@@ -126,6 +130,8 @@ impl Default for DiskOpts {
             num_queues: 1,
             unmap: false,
             write_iops: None,
+            image_on_tmpfs: false,
+            direct: false,
         }
     }
 }
@@ -138,6 +144,8 @@ struct Disk {
     kind: BackendKind,
     opts: DiskOpts,
     _tmp: TempDir,
+    /// The directory on tmpfs holding the image, with [`DiskOpts::image_on_tmpfs`].
+    _shm: Option<TempDir>,
     image: PathBuf,
     socket: PathBuf,
     backend: Option<BackgroundProcess>,
@@ -165,7 +173,10 @@ impl Disk {
     fn new(name: &str, tag: &str, opts: DiskOpts, prefill: &[(usize, Vec<u8>)]) -> Disk {
         let kind = BackendKind::from_env();
         let tmp = TempDir::new(tag).unwrap_or_else(|e| panic!("{e}"));
-        let image = tmp.path().join("disk.img");
+        let shm = opts
+            .image_on_tmpfs
+            .then(|| TempDir::new_in(Path::new("/dev/shm"), tag).unwrap_or_else(|e| panic!("{e}")));
+        let image = shm.as_ref().unwrap_or(&tmp).path().join("disk.img");
         let socket = tmp.path().join("blk.sock");
         let mut initial = vec![0u8; DISK_SIZE];
         {
@@ -190,6 +201,9 @@ impl Disk {
                 let mut args: Vec<OsString> = vec!["--blk-file".into(), served.into()];
                 if opts.read_only {
                     args.push("--read-only".into());
+                }
+                if opts.direct {
+                    args.push("--direct".into());
                 }
                 args.push("--num-queues".into());
                 args.push(opts.num_queues.to_string().into());
@@ -224,6 +238,7 @@ impl Disk {
             kind,
             opts,
             _tmp: tmp,
+            _shm: shm,
             image,
             socket,
             backend,
@@ -612,10 +627,20 @@ const DATA_DIRECT_START: u32 = 1_000_000;
 const DATA_BUFFERED_START: u32 = 3_000_000;
 
 fn case_data_roundtrip(ring: Ring) {
-    let name = format!("data_roundtrip({ring:?})");
+    case_data_roundtrip_with(ring, DiskOpts::default(), None);
+}
+
+/// The data round trip on a disk exported with `opts`; with `path`, our daemon's log
+/// must show that every queue took that I/O path.
+fn case_data_roundtrip_with(ring: Ring, opts: DiskOpts, path: Option<&str>) {
+    let name = format!(
+        "data_roundtrip({ring:?}{}{})",
+        if opts.image_on_tmpfs { ", tmpfs" } else { "" },
+        if opts.direct { ", O_DIRECT" } else { "" }
+    );
     let t0 = Instant::now();
     let host = seq_pattern(DATA_HOST_START, MIB);
-    let disk = Disk::new(&name, "blkdata", DiskOpts::default(), &[(0, host)]);
+    let disk = Disk::new(&name, "blkdata", opts, &[(0, host)]);
     let kernel = kernel();
     let script = format!(
         r#"step "host -> guest: the host's pattern in the first MiB"
@@ -688,7 +713,42 @@ cmp /tmp/b /tmp/b.back || fail "the buffered read-back differs from what was wri
         &[(DATA_DIRECT_OFF, &direct), (DATA_BUFFERED_OFF, &buffered)],
         &out.log,
     );
+    if let (Some(path), BackendKind::Ours) = (path, disk.kind) {
+        let log = disk.backend_log();
+        let paths: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.split("I/O path: ").nth(1))
+            .collect();
+        if paths.is_empty() || !paths.iter().all(|p| p.starts_with(path)) {
+            disk.fail(
+                &format!(
+                    "expected every queue on the I/O path `{path}...`, the log says {paths:?}"
+                ),
+                &out.log,
+            );
+        }
+    }
     finished(&name, t0);
+}
+
+/// The default engine on an image on tmpfs serves every request inline.
+#[test]
+fn data_roundtrip_image_on_tmpfs_default_engine() {
+    let opts = DiskOpts {
+        image_on_tmpfs: true,
+        ..DiskOpts::default()
+    };
+    case_data_roundtrip_with(Ring::Split, opts, Some("inline (tmpfs"));
+}
+
+/// The default engine on a disk-backed image opened with O_DIRECT uses io_uring.
+#[test]
+fn data_roundtrip_direct_disk_file_default_engine() {
+    let opts = DiskOpts {
+        direct: true,
+        ..DiskOpts::default()
+    };
+    case_data_roundtrip_with(Ring::Packed, opts, Some("io_uring (O_DIRECT"));
 }
 
 /// Case 1: dd with and without O_DIRECT over several MiB, in requests larger

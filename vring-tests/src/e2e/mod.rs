@@ -185,8 +185,12 @@ pub struct TempDir {
 impl TempDir {
     /// Creates `/tmp/e2e-<tag>-<pid>-<n>`.
     pub fn new(tag: &str) -> Result<TempDir> {
+        Self::new_in(Path::new("/tmp"), tag)
+    }
+
+    /// Creates `<base>/e2e-<tag>-<pid>-<n>` (e.g. under `/dev/shm` for a file on tmpfs).
+    pub fn new_in(base: &Path, tag: &str) -> Result<TempDir> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let base = Path::new("/tmp");
         for _ in 0..100 {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
             let nanos = SystemTime::now()
