@@ -1,6 +1,5 @@
 //! One frontend connection: the vhost-user request state machine.
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +18,7 @@ use super::error::{Error, Result};
 use super::inflight::{InflightArea, PackedTracker, SplitTracker, Tracker};
 use super::memory::{MappedRegion, MemoryTable, RegionDesc, MAX_MEM_SLOTS};
 use super::message::{self, always_replies, req, request_name, Message};
+use super::notify_fd::NotifyFd;
 use super::server::ServerConfig;
 use super::worker::{ActiveQueue, Command, WorkerHandle, WorkerSettings};
 use super::VHOST_USER_F_PROTOCOL_FEATURES;
@@ -53,6 +53,15 @@ const DESC_F_USED: u16 = 1 << 15;
 /// A fresh packed ring: both positions 0, both wrap counters 1.
 const PACKED_FRESH_BASE: u32 = 0x8000_8000;
 
+/// Bound on a worker's answer to a control command (start, memory change), and the
+/// margin added to the drain timeout for a stop.
+const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on joining a worker that already missed a deadline.
+const STUCK_JOIN_TIMEOUT: Duration = Duration::from_millis(200);
+/// Bound on receiving the rest of a message once its first byte arrived, and on sending
+/// a reply: a frontend that stops half-way cannot hold the connection thread forever.
+pub(crate) const SOCKET_IO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Per-queue state kept by the connection.
 #[derive(Default)]
 struct QueueSlot {
@@ -62,9 +71,9 @@ struct QueueSlot {
     addr: Option<(u64, u64, u64)>,
     /// SET_VRING_BASE, or the base the ring stopped at.
     base: u32,
-    kick: Option<File>,
-    call: Option<File>,
-    err: Option<File>,
+    kick: Option<NotifyFd>,
+    call: Option<NotifyFd>,
+    err: Option<NotifyFd>,
     /// SET_VRING_ENABLE.
     enabled: bool,
     running: bool,
@@ -82,7 +91,7 @@ fn reply_u64(v: u64) -> Reply {
     Reply::Body(VhostUserU64::new(v).as_slice().to_vec(), None)
 }
 
-fn clone_file(f: &Option<File>, what: &'static str) -> Result<Option<File>> {
+fn clone_file(f: &Option<NotifyFd>, what: &'static str) -> Result<Option<NotifyFd>> {
     f.as_ref()
         .map(|f| f.try_clone())
         .transpose()
@@ -108,6 +117,8 @@ pub(crate) struct Connection<'a, D: Device> {
     inflight: Option<InflightArea>,
     queues: Vec<QueueSlot>,
     workers: Vec<Option<WorkerHandle<D::Handler>>>,
+    /// Workers that missed a control-reply deadline: joined with a short bound.
+    stuck_workers: Vec<bool>,
     needs_reset: Arc<AtomicBool>,
 }
 
@@ -127,6 +138,7 @@ impl<'a, D: Device> Connection<'a, D> {
         queues.resize_with(usize::from(num_queues), QueueSlot::default);
         let mut workers = Vec::new();
         workers.resize_with(usize::from(num_queues).div_ceil(group), || None);
+        let stuck_workers = vec![false; workers.len()];
         Connection {
             device,
             config,
@@ -144,6 +156,7 @@ impl<'a, D: Device> Connection<'a, D> {
             inflight: None,
             queues,
             workers,
+            stuck_workers,
             needs_reset: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -484,13 +497,24 @@ impl<'a, D: Device> Connection<'a, D> {
             req::SET_VRING_KICK | req::SET_VRING_CALL | req::SET_VRING_ERR => {
                 let v = msg.body::<VhostUserU64>(name)?.value;
                 let nofd = v & VRING_NOFD != 0;
+                let i = self.queue_index(u32::try_from(v & 0xff).unwrap_or(u32::MAX))?;
                 let fd = if nofd {
                     msg.no_fds(name)?;
                     None
                 } else {
-                    Some(File::from(msg.single_fd(name)?))
+                    let (what, write) = match code {
+                        req::SET_VRING_KICK => ("kick", false),
+                        req::SET_VRING_CALL => ("call", true),
+                        _ => ("err", true),
+                    };
+                    let fd = msg.single_fd(name)?;
+                    Some(
+                        NotifyFd::adopt(fd, what, write).map_err(|source| Error::Os {
+                            what: "making a vring fd non-blocking",
+                            source,
+                        })?,
+                    )
                 };
-                let i = self.queue_index(u32::try_from(v & 0xff).unwrap_or(u32::MAX))?;
                 match code {
                     req::SET_VRING_KICK => self.set_kick(i, fd)?,
                     req::SET_VRING_CALL => {
@@ -745,8 +769,12 @@ impl<'a, D: Device> Connection<'a, D> {
             }
         }
         for (id, rx) in acks {
-            if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-                log::error!("queue worker {id} did not acknowledge the memory table change");
+            if rx.recv_timeout(CONTROL_REPLY_TIMEOUT).is_err() {
+                log::error!(
+                    "queue worker {id} did not acknowledge the memory table change within \
+                     {CONTROL_REPLY_TIMEOUT:?}"
+                );
+                self.stuck_workers[id] = true;
             }
         }
         for i in 0..self.num_queues {
@@ -760,7 +788,7 @@ impl<'a, D: Device> Connection<'a, D> {
         Ok(())
     }
 
-    fn set_kick(&mut self, i: u16, fd: Option<File>) -> Result<()> {
+    fn set_kick(&mut self, i: u16, fd: Option<NotifyFd>) -> Result<()> {
         let Some(fd) = fd else {
             return Err(Error::RingStart {
                 index: i,
@@ -942,7 +970,7 @@ impl<'a, D: Device> Connection<'a, D> {
             }),
             reply: tx,
         })?;
-        match rx.recv() {
+        match rx.recv_timeout(CONTROL_REPLY_TIMEOUT) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(Error::RingStart {
@@ -950,7 +978,12 @@ impl<'a, D: Device> Connection<'a, D> {
                     why: format!("the worker could not watch its fds: {e}"),
                 })
             }
-            Err(_) => return Err(Error::WorkerGone(w)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                log::error!("queue {i}: worker {w} did not answer the start within {CONTROL_REPLY_TIMEOUT:?}");
+                self.stuck_workers[w] = true;
+                return Err(Error::WorkerGone(w));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Error::WorkerGone(w)),
         }
         self.queues[idx].running = true;
         log::info!(
@@ -977,12 +1010,23 @@ impl<'a, D: Device> Connection<'a, D> {
                 Err(e) => log::error!("queue {i}: cannot stop: {e}"),
             }
         }
-        let limit = self.config.drain_timeout + Duration::from_secs(5);
+        // One deadline for all: the workers drain in parallel.
+        let limit = self.config.drain_timeout + CONTROL_REPLY_TIMEOUT;
+        let deadline = std::time::Instant::now() + limit;
         for (i, rx) in waits {
-            match rx.recv_timeout(limit) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
                 Ok(Some(base)) => self.queues[usize::from(i)].base = base,
                 Ok(None) => log::error!("queue {i}: the worker did not know the ring"),
-                Err(_) => log::error!("queue {i}: the worker did not report the ring stopped"),
+                Err(_) => {
+                    let (w, _) = self.worker_of(i);
+                    log::error!(
+                        "queue {i}: worker {w} did not report the ring stopped within {limit:?}; \
+                         reporting base {:#x}",
+                        self.queues[usize::from(i)].base
+                    );
+                    self.stuck_workers[w] = true;
+                }
             }
         }
     }
@@ -992,11 +1036,16 @@ impl<'a, D: Device> Connection<'a, D> {
         self.stop_rings(&all);
     }
 
+    /// Ends every worker thread, each within a bound (short for one already known not
+    /// to answer), so teardown always finishes.
     fn join_workers(&mut self) {
-        for w in self.workers.iter_mut() {
+        let limit = self.config.drain_timeout + CONTROL_REPLY_TIMEOUT;
+        for (w, stuck) in self.workers.iter_mut().zip(self.stuck_workers.iter_mut()) {
             if let Some(w) = w.take() {
-                w.join();
+                let bound = if *stuck { STUCK_JOIN_TIMEOUT } else { limit };
+                w.join(bound);
             }
+            *stuck = false;
         }
     }
 

@@ -1,12 +1,12 @@
 //! What a daemon implements: a [`Device`] (features, queues, config space, reset) that
 //! creates one [`QueueHandler`] per started queue, which processes its [`Vring`].
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use super::error::DeviceError;
 use super::inflight::{InflightRequest, RecordedDescriptor, Tracker};
+use super::notify_fd::NotifyFd;
 use crate::chain::DescriptorChain;
 use crate::memory::GuestMemoryView;
 use crate::queue::{Queue, RingLayout};
@@ -158,8 +158,10 @@ pub trait Device: Send + Sync + 'static {
 pub struct Vring {
     index: u16,
     queue: Queue,
-    call: Option<File>,
-    err: Option<File>,
+    call: Option<NotifyFd>,
+    err: Option<NotifyFd>,
+    /// Signalling the call or error fd failed (logged once, not per request).
+    signal_failed: bool,
     enabled: bool,
     used_pending: bool,
     tracker: Option<Tracker>,
@@ -183,25 +185,6 @@ impl std::fmt::Debug for Vring {
     }
 }
 
-/// Writes 1 to an eventfd (or the 8-byte token to a pipe). A full counter or a
-/// non-blocking descriptor that would block means a notification is pending anyway.
-fn signal_fd(fd: &File) -> std::io::Result<()> {
-    let v = 1u64.to_ne_bytes();
-    loop {
-        // SAFETY: writes 8 bytes from a live local buffer to a descriptor we own.
-        let r = unsafe { libc::write(fd.as_raw_fd(), v.as_ptr().cast(), v.len()) };
-        if r >= 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::Interrupted => continue,
-            std::io::ErrorKind::WouldBlock => return Ok(()),
-            _ => return Err(e),
-        }
-    }
-}
-
 impl Vring {
     pub(crate) fn new(index: u16, queue: Queue, enabled: bool) -> Self {
         Vring {
@@ -209,6 +192,7 @@ impl Vring {
             queue,
             call: None,
             err: None,
+            signal_failed: false,
             enabled,
             used_pending: false,
             tracker: None,
@@ -237,13 +221,25 @@ impl Vring {
         }
     }
 
-    /// Replaces the call eventfd; returns true if there was none before.
-    pub(crate) fn set_call(&mut self, call: Option<File>) -> bool {
+    /// Replaces the call fd; returns true if there was none before.
+    pub(crate) fn set_call(&mut self, call: Option<NotifyFd>) -> bool {
+        self.signal_failed = false;
         std::mem::replace(&mut self.call, call).is_none()
     }
 
-    pub(crate) fn set_err(&mut self, err: Option<File>) {
+    pub(crate) fn set_err(&mut self, err: Option<NotifyFd>) {
+        self.signal_failed = false;
         self.err = err;
+    }
+
+    /// The call fd's descriptor, if any (the worker watches it for hang-up).
+    pub(crate) fn call_fd(&self) -> Option<RawFd> {
+        self.call.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// The error fd's descriptor, if any (the worker watches it for hang-up).
+    pub(crate) fn err_fd(&self) -> Option<RawFd> {
+        self.err.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     pub(crate) fn set_enabled(&mut self, enabled: bool) {
@@ -382,26 +378,24 @@ impl Vring {
         }
     }
 
-    /// Signals the call eventfd unconditionally.
-    pub(crate) fn notify_driver(&self) {
+    /// Signals the call fd unconditionally. Never blocks (see `notify_fd`).
+    pub(crate) fn notify_driver(&mut self) {
         if let Some(call) = &self.call {
-            if let Err(e) = signal_fd(call) {
-                log::warn!(
-                    "queue {}: signalling the call eventfd failed: {e}",
-                    self.index
-                );
+            if let Err(e) = call.signal() {
+                if !std::mem::replace(&mut self.signal_failed, true) {
+                    log::warn!("queue {}: signalling the call fd failed: {e}", self.index);
+                }
             }
         }
     }
 
-    /// Signals the error eventfd (SET_VRING_ERR), if the frontend gave one.
-    pub(crate) fn notify_error(&self) {
+    /// Signals the error fd (SET_VRING_ERR), if the frontend gave one. Never blocks.
+    pub(crate) fn notify_error(&mut self) {
         if let Some(err) = &self.err {
-            if let Err(e) = signal_fd(err) {
-                log::warn!(
-                    "queue {}: signalling the error eventfd failed: {e}",
-                    self.index
-                );
+            if let Err(e) = err.signal() {
+                if !std::mem::replace(&mut self.signal_failed, true) {
+                    log::warn!("queue {}: signalling the error fd failed: {e}", self.index);
+                }
             }
         }
     }

@@ -102,6 +102,7 @@ mod error;
 pub mod inflight;
 mod memory;
 mod message;
+mod notify_fd;
 mod server;
 mod worker;
 

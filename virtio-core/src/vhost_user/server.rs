@@ -184,6 +184,14 @@ impl<D: Device> Server<D> {
     /// queues and resets the device.
     pub fn serve_connection(&self, stream: UnixStream) -> Result<()> {
         stream.set_nonblocking(false).map_err(Error::Socket)?;
+        // Requests are read once the socket polls readable; these bound a frontend that
+        // stops in the middle of a message or never reads its replies.
+        stream
+            .set_read_timeout(Some(super::connection::SOCKET_IO_TIMEOUT))
+            .map_err(Error::Socket)?;
+        stream
+            .set_write_timeout(Some(super::connection::SOCKET_IO_TIMEOUT))
+            .map_err(Error::Socket)?;
         let conn = Connection::new(&self.device, &self.config, &self.channel, stream);
         conn.run(self.shutdown.as_raw_fd())
     }
