@@ -168,6 +168,8 @@ pub struct Vring {
     /// Packed ring with tracking: host address of the descriptor ring.
     desc_ring: *const u8,
     recovered: Vec<InflightRequest>,
+    /// Restored in-flight chains the handler resubmitted (see [`Self::awaited_in_flight`]).
+    resubmitted: u16,
 }
 
 // SAFETY: `desc_ring` points into guest memory kept mapped by the queue's memory view
@@ -198,6 +200,7 @@ impl Vring {
             tracker: None,
             desc_ring: std::ptr::null(),
             recovered: Vec::new(),
+            resubmitted: 0,
         }
     }
 
@@ -282,6 +285,24 @@ impl Vring {
     /// Chains popped and not yet returned.
     pub fn in_flight(&self) -> u16 {
         self.queue.in_flight()
+    }
+
+    /// The in-flight chains a stop can wait for: those this backend popped or
+    /// resubmitted and not yet returned. A ring base restored past the used index
+    /// (SET_VRING_BASE, or a frontend's bad base) counts chains in flight that no handler
+    /// holds; unless resubmitted they can never complete, so they are not waited for
+    /// (the inflight area, if any, still records them for the next backend instance).
+    pub(crate) fn awaited_in_flight(&self) -> u16 {
+        let unreachable = self
+            .queue
+            .restored_in_flight()
+            .saturating_sub(self.resubmitted);
+        self.queue.in_flight().saturating_sub(unreachable)
+    }
+
+    /// Restored in-flight chains nobody resubmitted (see [`Self::awaited_in_flight`]).
+    pub(crate) fn unreachable_in_flight(&self) -> u16 {
+        self.in_flight() - self.awaited_in_flight()
     }
 
     /// True if the driver has made buffers available that were not popped yet.
@@ -507,6 +528,7 @@ impl Vring {
             index = next;
         }
         chain.set_head(head, walked);
+        self.resubmitted = self.resubmitted.saturating_add(1);
         Ok(())
     }
 }

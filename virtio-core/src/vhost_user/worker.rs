@@ -533,6 +533,14 @@ impl<H: QueueHandler> Worker<H> {
         }
         s.state = State::Stopping { deadline, reply };
         s.poll_deadline = None;
+        let unreachable = s.q.vring.unreachable_in_flight();
+        if unreachable > 0 {
+            log::warn!(
+                "queue {}: {unreachable} chains counted in flight by the restored ring base were \
+                 never popped by this backend; not waiting for them",
+                s.q.vring.index()
+            );
+        }
         if let Err(e) = s.q.handler.drain(&mut s.q.vring) {
             log::error!("queue {}: draining failed: {e}", s.q.vring.index());
             needs_reset.store(true, Ordering::Release);
@@ -549,7 +557,7 @@ impl<H: QueueHandler> Worker<H> {
                     q,
                     ..
                 }) => {
-                    let in_flight = q.vring.in_flight();
+                    let in_flight = q.vring.awaited_in_flight();
                     if in_flight > 0 && now >= *deadline {
                         log::error!(
                             "queue {}: {in_flight} requests still in flight after {:?}; stopping the ring anyway \

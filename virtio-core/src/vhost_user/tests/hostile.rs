@@ -297,10 +297,11 @@ fn worker_stalled_by_a_frontend_clearing_o_nonblock_is_left_behind_and_the_next_
     let fl = fd_flags(call.as_raw_fd());
     // SAFETY: F_SETFL with an int on an open descriptor.
     unsafe { libc::fcntl(call.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) };
-    let at = ring.next_buf;
-    let id = ring.send(&mem, b"stall");
-    poll_used(&mut ring, &mem, id, b"stall", at);
-    // The worker is now blocked in its write. Disconnecting must not hang the daemon.
+    // The worker blocks in its next signal: the one owed for the call fd just set
+    // (sent asynchronously), or the completion of this chain.
+    ring.send(&mem, b"stall");
+    std::thread::sleep(Duration::from_millis(100));
+    // Disconnecting must not hang the daemon.
     let start = Instant::now();
     drop(fe);
     let fe = d.connect(Duration::from_secs(15));
@@ -314,6 +315,59 @@ fn worker_stalled_by_a_frontend_clearing_o_nonblock_is_left_behind_and_the_next_
     drop(fe);
     // Let the stalled worker finish (it then sees its exit command).
     let _ = call.read();
+    d.assert_serves_a_new_frontend();
+    d.shutdown();
+}
+
+// ---- B: hostile frontend cases ----
+
+#[test]
+fn ring_base_past_the_avail_index_breaks_the_queue_and_the_next_frontend_is_served() {
+    let d = Daemon::start(TestDevice::new(false), ServerConfig::default());
+    let mem = default_mem();
+    let mut fe = d.connect(TIMEOUT);
+    negotiate(&mut fe, 0, &mem);
+    let mut ring = TestRing::new(0, RingLayout::Split, &mem);
+    let err = EventFd::new(EFD_NONBLOCK).unwrap();
+    fe.set_vring_num(0, QSIZE).unwrap();
+    // Base 2 while the guest will only have made one chain available.
+    fe.set_vring_base(0, 2).unwrap();
+    fe.set_vring_addr(0, &ring.config_data(&mem)).unwrap();
+    fe.set_vring_err(0, &err).unwrap();
+    fe.set_vring_kick(0, &ring.kick).unwrap();
+    fe.set_vring_call(0, &ring.call).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    ring.send(&mem, b"avail idx 1");
+    // "avail idx 1 is more than the queue size ahead of next_avail 2": queue broken.
+    wait_signal(&err);
+    assert_eq!(ring.driver.pop_used(&mem.mem).unwrap(), None);
+    // The two chains "in flight" below the base were never popped by this backend: the
+    // stop does not wait for them.
+    assert_eq!(vring_base_within(&mut fe, 0, SERVED_WITHIN), 2);
+    drop(fe);
+    d.assert_serves_a_new_frontend();
+    d.shutdown();
+}
+
+#[test]
+fn disconnect_with_a_broken_queue_and_unreachable_in_flight_chains_is_prompt() {
+    // Same state, but the frontend disconnects without GET_VRING_BASE.
+    let d = Daemon::start(TestDevice::new(false), ServerConfig::default());
+    let mem = default_mem();
+    let mut fe = d.connect(TIMEOUT);
+    negotiate(&mut fe, 0, &mem);
+    let mut ring = TestRing::new(0, RingLayout::Split, &mem);
+    let err = EventFd::new(EFD_NONBLOCK).unwrap();
+    fe.set_vring_num(0, QSIZE).unwrap();
+    fe.set_vring_base(0, 2).unwrap();
+    fe.set_vring_addr(0, &ring.config_data(&mem)).unwrap();
+    fe.set_vring_err(0, &err).unwrap();
+    fe.set_vring_kick(0, &ring.kick).unwrap();
+    fe.set_vring_call(0, &ring.call).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    ring.send(&mem, b"avail idx 1");
+    wait_signal(&err);
+    drop(fe);
     d.assert_serves_a_new_frontend();
     d.shutdown();
 }
