@@ -55,6 +55,15 @@ impl Daemon {
         Frontend::from_stream(s, 8)
     }
 
+    /// A frontend plus a raw handle on the same socket, for requests `Frontend` cannot
+    /// send (GET_STATUS); use it only while the frontend waits for nothing.
+    fn connect_with_raw(&self, bound: Duration) -> (Frontend, Raw) {
+        let s = UnixStream::connect(&self.path).unwrap();
+        s.set_read_timeout(Some(bound)).unwrap();
+        let raw = Raw(s.try_clone().unwrap());
+        (Frontend::from_stream(s, 8), raw)
+    }
+
     /// Connects a new frontend and checks GET_FEATURES is answered within
     /// [`SERVED_WITHIN`], then runs one chain through a split ring.
     fn assert_serves_a_new_frontend(&self) {
@@ -370,4 +379,118 @@ fn disconnect_with_a_broken_queue_and_unreachable_in_flight_chains_is_prompt() {
     drop(fe);
     d.assert_serves_a_new_frontend();
     d.shutdown();
+}
+
+/// Total CPU time (user + system, in clock ticks) of this process's threads named
+/// `name`.
+fn thread_cpu_ticks(name: &str) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = e.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if comm.trim_end() != name {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        // Fields after the ")" that ends the command name: state is field 3, utime 14,
+        // stime 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        total += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    }
+    total
+}
+
+fn thread_exists(name: &str) -> bool {
+    std::fs::read_dir("/proc/self/task").unwrap().any(|e| {
+        std::fs::read_to_string(e.unwrap().path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+    })
+}
+
+const STATUS_NEEDS_RESET: u64 = 0x40;
+
+/// Hang-up on one of queue 0's notification fds: the queue breaks (err fd signalled,
+/// DEVICE_NEEDS_RESET), its worker does not spin, queue 1 keeps working, and the next
+/// frontend is served.
+fn hang_up_breaks_the_queue_without_spinning(which: &str) {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let thread_name = format!("hup{which}{}", N.fetch_add(1, Ordering::AcqRel));
+    let config = ServerConfig {
+        thread_name: thread_name.clone(),
+        ..ServerConfig::default()
+    };
+    let worker = format!("{thread_name}-q0");
+    assert!(worker.len() <= 15, "thread names are cut at 15 bytes");
+    let d = Daemon::start(TestDevice::new(false), config);
+    let mem = default_mem();
+    let (mut fe, raw) = d.connect_with_raw(TIMEOUT);
+    negotiate(&mut fe, 0, &mem);
+    let mut q0 = TestRing::new(0, RingLayout::Split, &mem);
+    let mut q1 = TestRing::new(1, RingLayout::Split, &mem);
+    let err = EventFd::new(EFD_NONBLOCK).unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    // SAFETY: `ours` stays open while the wrapper is used; the wrapper is never closed.
+    let sock = std::mem::ManuallyDrop::new(unsafe { EventFd::from_raw_fd(ours.as_raw_fd()) });
+    let i = 0;
+    fe.set_vring_num(i, QSIZE).unwrap();
+    fe.set_vring_base(i, 0).unwrap();
+    fe.set_vring_addr(i, &q0.config_data(&mem)).unwrap();
+    fe.set_vring_err(i, &err).unwrap();
+    match which {
+        "k" => {
+            fe.set_vring_kick(i, &sock).unwrap();
+            fe.set_vring_call(i, &q0.call).unwrap();
+        }
+        _ => {
+            fe.set_vring_kick(i, &q0.kick).unwrap();
+            fe.set_vring_call(i, &sock).unwrap();
+        }
+    }
+    fe.set_vring_enable(i, true).unwrap();
+    q1.setup(&mut fe, &mem);
+    assert_eq!(raw.get_u64(req::GET_STATUS) & STATUS_NEEDS_RESET, 0);
+    // The frontend closes the socket's other end (and its own copy).
+    drop(theirs);
+    drop(ours);
+    wait_signal(&err);
+    wait_until("DEVICE_NEEDS_RESET", || {
+        raw.get_u64(req::GET_STATUS) & STATUS_NEEDS_RESET != 0
+    });
+    assert!(thread_exists(&worker), "worker thread {worker} not found");
+    let before = thread_cpu_ticks(&worker);
+    std::thread::sleep(Duration::from_millis(500));
+    let used = thread_cpu_ticks(&worker) - before;
+    assert!(
+        used <= 5,
+        "worker {worker} used {used} ticks in 0.5 s: it spins"
+    );
+    // The other queue still works; the broken one processes nothing.
+    let at = q1.next_buf;
+    let id = q1.send(&mem, b"queue 1 runs");
+    q1.receive(&mem, id, b"queue 1 runs", at);
+    if which == "k" {
+        q0.send(&mem, b"no kick fd");
+    } else {
+        q0.send(&mem, b"broken");
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(q0.driver.pop_used(&mem.mem).unwrap(), None);
+    drop(raw);
+    drop(fe);
+    d.assert_serves_a_new_frontend();
+    d.shutdown();
+}
+
+#[test]
+fn kick_fd_socket_whose_peer_closed_breaks_the_queue_without_spinning() {
+    hang_up_breaks_the_queue_without_spinning("k");
+}
+
+#[test]
+fn call_fd_socket_whose_peer_closed_breaks_the_queue_without_spinning() {
+    hang_up_breaks_the_queue_without_spinning("c");
 }
