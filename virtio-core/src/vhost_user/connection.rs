@@ -20,9 +20,11 @@ use super::memory::{MappedRegion, MemoryTable, RegionDesc, MAX_MEM_SLOTS};
 use super::message::{self, always_replies, req, request_name, Message};
 use super::notify_fd::NotifyFd;
 use super::server::ServerConfig;
+use super::sigbus;
 use super::worker::{ActiveQueue, Command, WorkerHandle, WorkerSettings};
 use super::VHOST_USER_F_PROTOCOL_FEATURES;
 use crate::queue::{Queue, QueueConfig, RingLayout, MAX_QUEUE_SIZE};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// Protocol features the server implements for every device.
 pub(crate) fn base_protocol_features() -> ProtocolFeatures {
@@ -120,6 +122,10 @@ pub(crate) struct Connection<'a, D: Device> {
     /// Workers that missed a control-reply deadline: joined with a short bound.
     stuck_workers: Vec<bool>,
     needs_reset: Arc<AtomicBool>,
+    /// Workers write it after a SIGBUS poisoned guest memory somewhere.
+    alarm: Arc<EventFd>,
+    /// `sigbus::epoch()` when last checked.
+    seen_epoch: u64,
 }
 
 impl<'a, D: Device> Connection<'a, D> {
@@ -128,7 +134,7 @@ impl<'a, D: Device> Connection<'a, D> {
         config: &'a ServerConfig,
         channel: &'a ChannelSlot,
         stream: UnixStream,
-    ) -> Self {
+    ) -> Result<Self> {
         let num_queues = device.num_queues();
         let max_queue_size = device.max_queue_size().min(MAX_QUEUE_SIZE);
         let protocol =
@@ -139,7 +145,14 @@ impl<'a, D: Device> Connection<'a, D> {
         let mut workers = Vec::new();
         workers.resize_with(usize::from(num_queues).div_ceil(group), || None);
         let stuck_workers = vec![false; workers.len()];
-        Connection {
+        let alarm =
+            Arc::new(
+                EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|source| Error::Os {
+                    what: "creating the connection's alarm eventfd",
+                    source,
+                })?,
+            );
+        Ok(Connection {
             device,
             config,
             channel,
@@ -158,7 +171,9 @@ impl<'a, D: Device> Connection<'a, D> {
             workers,
             stuck_workers,
             needs_reset: Arc::new(AtomicBool::new(false)),
-        }
+            alarm,
+            seen_epoch: sigbus::epoch(),
+        })
     }
 
     /// Serves requests until the frontend disconnects, a fatal error, or `shutdown`
@@ -172,10 +187,20 @@ impl<'a, D: Device> Connection<'a, D> {
     fn serve(&mut self, shutdown: RawFd) -> Result<()> {
         let mut msg = Message::default();
         loop {
-            match super::server::wait_readable(self.stream.as_raw_fd(), shutdown)? {
+            let wake = super::server::wait_readable_or_alarm(
+                self.stream.as_raw_fd(),
+                shutdown,
+                self.alarm.as_raw_fd(),
+            )?;
+            match wake {
                 super::server::Wake::Shutdown => {
                     log::info!("shutting down: closing the frontend connection");
                     return Ok(());
+                }
+                super::server::Wake::Alarm => {
+                    let _ = self.alarm.read();
+                    self.check_poisoned_memory()?;
+                    continue;
                 }
                 super::server::Wake::Spurious => continue,
                 super::server::Wake::Readable => {}
@@ -192,7 +217,31 @@ impl<'a, D: Device> Connection<'a, D> {
                 }
             }
             self.handle(&mut msg)?;
+            // The connection thread touches guest memory too (ring bases, packed flags).
+            if sigbus::epoch() != self.seen_epoch {
+                self.check_poisoned_memory()?;
+            }
         }
+    }
+
+    /// Fails (closing the connection) if a SIGBUS poisoned this connection's guest memory
+    /// or inflight area (see `sigbus`).
+    fn check_poisoned_memory(&mut self) -> Result<()> {
+        self.seen_epoch = sigbus::epoch();
+        let what = if let Some(d) = self.memory.as_ref().and_then(|m| m.poisoned_region()) {
+            format!(
+                "the guest memory region at guest {:#x} (size {:#x})",
+                d.guest_addr, d.size
+            )
+        } else if self.inflight.as_ref().is_some_and(|a| a.poisoned()) {
+            "the inflight area".to_string()
+        } else {
+            return Ok(());
+        };
+        self.needs_reset.store(true, Ordering::Release);
+        let e = Error::MemoryTruncated(what);
+        log::error!("{e}");
+        Err(e)
     }
 
     /// Handles one request and answers it. An error return closes the connection.
@@ -958,6 +1007,7 @@ impl<'a, D: Device> Connection<'a, D> {
                 group,
                 settings,
                 self.needs_reset.clone(),
+                self.alarm.clone(),
             )?);
         }
         let (tx, rx) = mpsc::channel();

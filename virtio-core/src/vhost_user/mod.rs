@@ -104,6 +104,7 @@ mod memory;
 mod message;
 mod notify_fd;
 mod server;
+mod sigbus;
 mod worker;
 
 #[cfg(test)]

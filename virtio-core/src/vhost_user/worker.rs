@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use super::device::{Processed, QueueHandler, Vring};
 use super::error::{DeviceError, Error, Result};
 use super::notify_fd::{Drained, NotifyFd};
+use super::sigbus;
 use crate::memory::GuestMemoryView;
 
 /// A started queue, as handed to its worker.
@@ -84,6 +85,7 @@ impl<H: QueueHandler> WorkerHandle<H> {
         group_size: usize,
         settings: WorkerSettings,
         needs_reset: Arc<AtomicBool>,
+        alarm: Arc<EventFd>,
     ) -> Result<Self> {
         let os = |what| move |source| Error::Os { what, source };
         let wake =
@@ -110,6 +112,8 @@ impl<H: QueueHandler> WorkerHandle<H> {
             slots,
             settings,
             needs_reset,
+            alarm,
+            seen_epoch: sigbus::epoch(),
             exiting: false,
         };
         let (done_tx, done) = mpsc::channel::<()>();
@@ -234,6 +238,10 @@ struct Worker<H> {
     slots: Vec<Option<Slot<H>>>,
     settings: WorkerSettings,
     needs_reset: Arc<AtomicBool>,
+    /// Written to wake the connection when guest memory was found poisoned.
+    alarm: Arc<EventFd>,
+    /// `sigbus::epoch()` when last checked.
+    seen_epoch: u64,
     exiting: bool,
 }
 
@@ -263,6 +271,12 @@ impl<H: QueueHandler> Worker<H> {
                 self.dispatch(data, flags);
             }
             self.run_queues();
+            // One atomic load per round; a closer look only after a SIGBUS somewhere.
+            let epoch = sigbus::epoch();
+            if epoch != self.seen_epoch {
+                self.seen_epoch = epoch;
+                self.check_poisoned_memory();
+            }
             self.finish_stopping();
             if self.exiting && self.slots.iter().all(Option::is_none) {
                 break;
@@ -601,11 +615,43 @@ impl<H: QueueHandler> Worker<H> {
         }
     }
 
+    /// A guest memory mapping somewhere was replaced after a SIGBUS: break the queues
+    /// whose memory it is, and wake the connection (which checks its own mappings, the
+    /// inflight area included, and closes).
+    fn check_poisoned_memory(&mut self) {
+        for s in self.slots.iter_mut().flatten() {
+            if sigbus::view_poisoned(s.q.vring.memory()) {
+                let e = DeviceError::Other(
+                    "the frontend shrank the file behind guest memory (SIGBUS caught; the \
+                     mapping is now anonymous memory)"
+                        .into(),
+                );
+                Self::break_queue(&self.needs_reset, s, &e);
+            }
+        }
+        if let Err(e) = self.alarm.write(1) {
+            log::error!(
+                "queue worker {}: waking the connection failed: {e}",
+                self.id
+            );
+        }
+    }
+
     fn break_queue(needs_reset: &AtomicBool, s: &mut Slot<H>, e: &DeviceError) {
         if !s.broken {
+            // After a SIGBUS the ring reads zeros: name the cause, not its symptom.
+            // (Slow path: a break is rare, and `epoch` is 0 until a SIGBUS was caught.)
+            let poisoned = sigbus::epoch() != 0 && sigbus::view_poisoned(s.q.vring.memory());
             log::error!(
-                "queue {}: {e}; the queue is stopped until the device is reset",
-                s.q.vring.index()
+                "queue {}: {}; the queue is stopped until the device is reset",
+                s.q.vring.index(),
+                if poisoned {
+                    "the frontend shrank the file behind guest memory (SIGBUS caught; the mapping \
+                     is now anonymous memory)"
+                        .to_string()
+                } else {
+                    e.to_string()
+                }
             );
         }
         s.broken = true;

@@ -494,3 +494,121 @@ fn kick_fd_socket_whose_peer_closed_breaks_the_queue_without_spinning() {
 fn call_fd_socket_whose_peer_closed_breaks_the_queue_without_spinning() {
     hang_up_breaks_the_queue_without_spinning("c");
 }
+
+/// Mappings of this process whose line contains `needle`.
+fn mappings_matching(needle: &str) -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Guest memory in one memfd named `name` (to find its descriptors and mappings).
+fn named_mem(name: &str, len: usize) -> (GuestMem, File) {
+    let cname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C string; result checked.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor we own.
+    let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    f.set_len(len as u64).unwrap();
+    let mem = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        len,
+        Some(FileOffset::new(f.try_clone().unwrap(), 0)),
+    )])
+    .unwrap();
+    (
+        GuestMem {
+            mem,
+            _files: vec![f.try_clone().unwrap()],
+        },
+        f,
+    )
+}
+
+#[test]
+fn guest_memory_shrunk_by_the_frontend_is_survived_and_closes_the_connection() {
+    let d = Daemon::start(TestDevice::new(false), ServerConfig::default());
+    // Repeated: each round's mappings and descriptors must be gone afterwards.
+    for round in 0..3u8 {
+        let name = unique_name("shrunk");
+        let (mem, file) = named_mem(&name, MEM_SIZE);
+        let mut fe = d.connect(TIMEOUT);
+        negotiate(&mut fe, 0, &mem);
+        let mut ring = TestRing::new(0, RingLayout::Split, &mem);
+        let err = EventFd::new(EFD_NONBLOCK).unwrap();
+        ring.setup(&mut fe, &mem);
+        fe.set_vring_err(0, &err).unwrap();
+        let at = ring.next_buf;
+        let id = ring.send(&mem, &[round; 16]);
+        ring.receive(&mem, id, &[round; 16], at);
+        // The frontend shrinks the file below the buffers (the rings stay), then makes a
+        // chain whose buffers are past the new end available. (The test must not touch
+        // those pages itself: it would die of SIGBUS.)
+        let cut = 0x20000u64;
+        assert!(ring.next_buf > cut);
+        file.set_len(cut).unwrap();
+        let bufs = [
+            crate::driver::DriverBuffer {
+                addr: ring.next_buf,
+                len: 16,
+                writable: false,
+            },
+            crate::driver::DriverBuffer {
+                addr: ring.next_buf + 0x800,
+                len: 16,
+                writable: true,
+            },
+        ];
+        ring.driver.add_chain(&mem.mem, &bufs).unwrap();
+        ring.kick.write(1).unwrap();
+        // The daemon survives the SIGBUS, breaks the queue and closes the connection.
+        wait_signal(&err);
+        let start = Instant::now();
+        assert!(
+            fe.get_features().is_err(),
+            "the connection should have been closed"
+        );
+        assert!(start.elapsed() < SERVED_WITHIN);
+        drop(fe);
+        d.assert_serves_a_new_frontend();
+        drop(ring);
+        drop(mem);
+        drop(file);
+        assert_released(&name);
+        wait_until("the poisoned mapping unmapped", || {
+            mappings_matching(&name) == 0 && super::super::sigbus::poisoned_count() == 0
+        });
+    }
+    d.shutdown();
+}
+
+#[test]
+fn sigbus_outside_guest_memory_still_kills_the_process() {
+    const CHILD: &str = "VU_SIGBUS_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        // In the child: the handler is installed, the fault is in memory nobody
+        // registered, so the previous action (Rust's handler, then the default) applies.
+        super::super::sigbus::install();
+        let (mem, file) = named_mem(&unique_name("unregistered"), 0x2000);
+        file.set_len(0).unwrap();
+        let mut b = [0u8; 1];
+        let _ = mem.mem.read_slice(&mut b, GuestAddress(0x1000));
+        std::process::exit(0);
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "vhost_user::tests::hostile::sigbus_outside_guest_memory_still_kills_the_process",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
+}
