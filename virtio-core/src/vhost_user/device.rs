@@ -75,9 +75,10 @@ pub trait QueueHandler: Send + 'static {
 
     /// The ring is being stopped (GET_VRING_BASE, reset or disconnect): take no new chains
     /// and finish the ones in flight. Requests already submitted may complete later: the
-    /// worker keeps delivering [`Self::handle_event`] until [`Vring::in_flight`] is 0 (or
-    /// the server's drain timeout passes), then reports the ring base and drops the
-    /// handler. Chains held without pending I/O (e.g. RX buffers waiting for data) must
+    /// worker keeps delivering [`Self::handle_event`] until every chain this backend
+    /// popped (or resubmitted) is returned (or the server's drain timeout passes), then
+    /// reports the ring base and drops the handler. Chains a restored ring base counts in
+    /// flight but nobody popped are not waited for. Chains held without pending I/O (e.g. RX buffers waiting for data) must
     /// be returned here, with a used length of 0.
     fn drain(&mut self, vring: &mut Vring) -> Result<(), DeviceError> {
         let _ = vring;

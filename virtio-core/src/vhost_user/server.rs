@@ -26,7 +26,9 @@ pub struct ServerConfig {
     /// default) never polls.
     pub poll_us: u64,
     /// How long stopping a ring (GET_VRING_BASE, reset, disconnect) waits for its
-    /// in-flight requests before giving up on them.
+    /// in-flight requests before giving up on them (only chains the handler holds are
+    /// waited for). The connection waits at most this plus 5 s for a worker's answer,
+    /// and leaves behind a worker that does not exit in that time.
     pub drain_timeout: Duration,
     /// Prefix of worker thread names (`<prefix>-q<first queue>`).
     pub thread_name: String,

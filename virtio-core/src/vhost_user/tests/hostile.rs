@@ -29,7 +29,7 @@ fn unique_name(what: &str) -> String {
 }
 
 impl Daemon {
-    fn start(device: Arc<TestDevice>, config: ServerConfig) -> Self {
+    fn start<D: Device>(device: Arc<D>, config: ServerConfig) -> Self {
         init_log();
         let dir = std::env::temp_dir().join(unique_name("hostile"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -746,5 +746,94 @@ fn hostile_sequences_repeated_leave_no_descriptors_or_threads_behind() {
             threads_named("vuleak") == 0
         });
     }
+    d.shutdown();
+}
+
+/// The test device, whose queues also watch a pipe the test can hang up.
+#[derive(Default)]
+struct HupDevice {
+    inner: TestDevice,
+    /// Write ends of the queues' pipes, by start order.
+    writers: Mutex<Vec<File>>,
+}
+
+struct HupQueue {
+    inner: TestQueue,
+    pipe: File,
+}
+
+impl QueueHandler for HupQueue {
+    fn event_fds(&self) -> Vec<RawFd> {
+        vec![self.inner.completion.as_raw_fd(), self.pipe.as_raw_fd()]
+    }
+    fn process(&mut self, vring: &mut Vring) -> Result<Processed, DeviceError> {
+        self.inner.process(vring)
+    }
+    fn handle_event(&mut self, fd_index: usize, vring: &mut Vring) -> Result<(), DeviceError> {
+        if fd_index == 0 {
+            return self.inner.handle_event(0, vring);
+        }
+        let mut b = [0u8; 8];
+        let _ = (&self.pipe).read(&mut b);
+        Ok(())
+    }
+}
+
+impl Device for HupDevice {
+    type Handler = HupQueue;
+    fn features(&self) -> u64 {
+        self.inner.features()
+    }
+    fn protocol_features(&self) -> ProtocolFeatures {
+        self.inner.protocol_features()
+    }
+    fn num_queues(&self) -> u16 {
+        self.inner.num_queues()
+    }
+    fn max_queue_size(&self) -> u16 {
+        self.inner.max_queue_size()
+    }
+    fn start_queue(&self, ctx: &QueueContext) -> Result<HupQueue, DeviceError> {
+        let (rd, wr) = pipe();
+        self.writers.lock().unwrap().push(wr);
+        Ok(HupQueue {
+            inner: self.inner.start_queue(ctx)?,
+            pipe: rd,
+        })
+    }
+}
+
+#[test]
+fn handler_fd_that_hangs_up_breaks_the_queue_without_spinning() {
+    let device = Arc::new(HupDevice::default());
+    let config = ServerConfig {
+        thread_name: "hupdev".into(),
+        ..ServerConfig::default()
+    };
+    let d = Daemon::start(device.clone(), config);
+    let mem = default_mem();
+    let (mut fe, raw) = d.connect_with_raw(TIMEOUT);
+    negotiate(&mut fe, 0, &mem);
+    let mut q0 = TestRing::new(0, RingLayout::Split, &mem);
+    let err = EventFd::new(EFD_NONBLOCK).unwrap();
+    q0.setup(&mut fe, &mem);
+    fe.set_vring_err(0, &err).unwrap();
+    let at = q0.next_buf;
+    let id = q0.send(&mem, b"before");
+    q0.receive(&mem, id, b"before", at);
+    // The handler's pipe loses its writer: level-triggered EPOLLHUP from now on.
+    device.writers.lock().unwrap().clear();
+    wait_signal(&err);
+    wait_until("DEVICE_NEEDS_RESET", || {
+        raw.get_u64(req::GET_STATUS) & STATUS_NEEDS_RESET != 0
+    });
+    assert!(thread_exists("hupdev-q0"));
+    let before = thread_cpu_ticks("hupdev-q0");
+    std::thread::sleep(Duration::from_millis(500));
+    let used = thread_cpu_ticks("hupdev-q0") - before;
+    assert!(used <= 5, "worker used {used} ticks in 0.5 s: it spins");
+    drop(raw);
+    drop(fe);
+    d.assert_serves_a_new_frontend();
     d.shutdown();
 }
