@@ -182,6 +182,19 @@ fn hung_up(events: u32) -> bool {
     events & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
 }
 
+/// Whether `fd` reports hang-up or error now (slow path: re-checks a hang-up event, which
+/// may have come from a call or error fd replaced earlier in the same epoll batch).
+fn fd_hung_up(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd for the duration of the call; zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
 fn token(kind: u64, slot: usize, fd_index: usize) -> u64 {
     (kind << 16) | slot as u64 | ((fd_index as u64) << 32)
 }
@@ -361,6 +374,14 @@ impl<H: QueueHandler> Worker<H> {
                 }
             }
             KIND_CALL | KIND_ERR if hung_up(events) => {
+                let current = if kind == KIND_CALL {
+                    s.call_watched
+                } else {
+                    s.err_watched
+                };
+                if !current.is_some_and(fd_hung_up) {
+                    return;
+                }
                 let what = if kind == KIND_CALL {
                     if let Some(fd) = s.call_watched.take() {
                         epoll_del(epoll, fd);
