@@ -144,7 +144,7 @@ pub(crate) fn address_poisoned(addr: usize) -> bool {
 }
 
 /// Registered mappings marked poisoned (for tests).
-#[cfg(test)]
+#[cfg(all(test, feature = "driver"))]
 pub(crate) fn poisoned_count() -> usize {
     REGISTRY
         .iter()

@@ -837,3 +837,46 @@ fn handler_fd_that_hangs_up_breaks_the_queue_without_spinning() {
     d.assert_serves_a_new_frontend();
     d.shutdown();
 }
+
+#[test]
+fn shutdown_returns_while_a_worker_is_stalled_by_its_frontend() {
+    let config = ServerConfig {
+        drain_timeout: Duration::from_millis(100),
+        ..ServerConfig::default()
+    };
+    let d = Daemon::start(TestDevice::new(false), config);
+    let mem = default_mem();
+    let mut fe = d.connect(TIMEOUT);
+    negotiate(&mut fe, 0, &mem);
+    let call = EventFd::new(0).unwrap();
+    let mut ring = TestRing::new(0, RingLayout::Split, &mem);
+    setup_with_call(&mut fe, &ring, &mem, &call);
+    loop {
+        let _ = call.read();
+        if call.write(0xffff_ffff_ffff_fffe).is_ok() {
+            break;
+        }
+    }
+    let fl = fd_flags(call.as_raw_fd());
+    // SAFETY: F_SETFL with an int on an open descriptor.
+    unsafe { libc::fcntl(call.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) };
+    ring.send(&mem, b"stall");
+    std::thread::sleep(Duration::from_millis(100));
+    // SIGTERM's path, with the frontend still connected and its worker stalled.
+    let start = Instant::now();
+    d.stop.shutdown();
+    let r = d
+        .done
+        .recv_timeout(Duration::from_secs(15))
+        .expect("serve did not return after shutdown");
+    assert!(r.is_ok(), "{r:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+    // Let the stalled worker finish.
+    let _ = call.read();
+    drop(fe);
+    let _ = std::fs::remove_dir_all(&d.dir);
+}
