@@ -434,6 +434,17 @@ impl Queue {
             Ring::Packed(r) => r.in_flight(),
         }
     }
+
+    /// Split: how many of the chains [`Self::set_vring_base`] counted in flight (those
+    /// between the used idx and the restored base) were restored without being popped by
+    /// this queue; only a resubmission (inflight tracking) can complete them. Packed: 0
+    /// (a restored packed ring has nothing in flight).
+    pub fn restored_in_flight(&self) -> u16 {
+        match &self.ring {
+            Ring::Split(r) => r.restored_in_flight(),
+            Ring::Packed(_) => 0,
+        }
+    }
 }
 
 /// A chain a previous device instance popped and never completed, as an inflight area

@@ -46,6 +46,9 @@ pub(crate) struct SplitRing {
     /// Chains in flight whose heads are unknown (restored with `set_base`): `add_used`
     /// accepts that many heads not in `heads_in_flight`.
     unknown_in_flight: u16,
+    /// `unknown_in_flight` as `set_base` left it: chains counted in flight that this
+    /// instance did not pop.
+    restored_in_flight: u16,
     /// Scratch for `add_used_batch`: heads whose bit it cleared, to put back on failure.
     batch_taken: Vec<u16>,
 }
@@ -67,6 +70,7 @@ impl SplitRing {
             in_flight: 0,
             heads_in_flight: vec![0u64; usize::from(config.size).div_ceil(64)].into_boxed_slice(),
             unknown_in_flight: 0,
+            restored_in_flight: 0,
             batch_taken: Vec::new(),
         };
         ring.set_base(0)?;
@@ -118,6 +122,7 @@ impl SplitRing {
         self.in_flight = next_avail.wrapping_sub(self.next_used.0).min(self.size);
         self.heads_in_flight.fill(0);
         self.unknown_in_flight = self.in_flight;
+        self.restored_in_flight = self.in_flight;
         self.signalled_used = None;
         self.no_notify = false;
         Ok(())
@@ -133,6 +138,10 @@ impl SplitRing {
 
     pub(crate) fn in_flight(&self) -> u16 {
         self.in_flight
+    }
+
+    pub(crate) fn restored_in_flight(&self) -> u16 {
+        self.restored_in_flight
     }
 
     /// Reads avail->idx with acquire ordering (§2.7.13: the driver writes ring entries and

@@ -1,6 +1,5 @@
 //! One frontend connection: the vhost-user request state machine.
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,10 +18,13 @@ use super::error::{Error, Result};
 use super::inflight::{InflightArea, PackedTracker, SplitTracker, Tracker};
 use super::memory::{MappedRegion, MemoryTable, RegionDesc, MAX_MEM_SLOTS};
 use super::message::{self, always_replies, req, request_name, Message};
+use super::notify_fd::NotifyFd;
 use super::server::ServerConfig;
+use super::sigbus;
 use super::worker::{ActiveQueue, Command, WorkerHandle, WorkerSettings};
 use super::VHOST_USER_F_PROTOCOL_FEATURES;
 use crate::queue::{Queue, QueueConfig, RingLayout, MAX_QUEUE_SIZE};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// Protocol features the server implements for every device.
 pub(crate) fn base_protocol_features() -> ProtocolFeatures {
@@ -109,6 +111,14 @@ pub(crate) fn decode_packed_base(base: u32, slot0_flags: u16) -> (u32, Option<&'
         Some("16-bit encoding: the used position is the avail one"),
     )
 }
+/// Bound on a worker's answer to a control command (start, memory change), and the
+/// margin added to the drain timeout for a stop.
+const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on joining a worker that already missed a deadline.
+const STUCK_JOIN_TIMEOUT: Duration = Duration::from_millis(200);
+/// Bound on receiving the rest of a message once its first byte arrived, and on sending
+/// a reply: a frontend that stops half-way cannot hold the connection thread forever.
+pub(crate) const SOCKET_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Per-queue state kept by the connection.
 #[derive(Default)]
@@ -119,9 +129,9 @@ struct QueueSlot {
     addr: Option<(u64, u64, u64)>,
     /// SET_VRING_BASE, or the base the ring stopped at.
     base: u32,
-    kick: Option<File>,
-    call: Option<File>,
-    err: Option<File>,
+    kick: Option<NotifyFd>,
+    call: Option<NotifyFd>,
+    err: Option<NotifyFd>,
     /// SET_VRING_ENABLE.
     enabled: bool,
     running: bool,
@@ -139,7 +149,7 @@ fn reply_u64(v: u64) -> Reply {
     Reply::Body(VhostUserU64::new(v).as_slice().to_vec(), None)
 }
 
-fn clone_file(f: &Option<File>, what: &'static str) -> Result<Option<File>> {
+fn clone_file(f: &Option<NotifyFd>, what: &'static str) -> Result<Option<NotifyFd>> {
     f.as_ref()
         .map(|f| f.try_clone())
         .transpose()
@@ -165,7 +175,13 @@ pub(crate) struct Connection<'a, D: Device> {
     inflight: Option<InflightArea>,
     queues: Vec<QueueSlot>,
     workers: Vec<Option<WorkerHandle<D::Handler>>>,
+    /// Workers that missed a control-reply deadline: joined with a short bound.
+    stuck_workers: Vec<bool>,
     needs_reset: Arc<AtomicBool>,
+    /// Workers write it after a SIGBUS poisoned guest memory somewhere.
+    alarm: Arc<EventFd>,
+    /// `sigbus::epoch()` when last checked.
+    seen_epoch: u64,
 }
 
 impl<'a, D: Device> Connection<'a, D> {
@@ -174,7 +190,7 @@ impl<'a, D: Device> Connection<'a, D> {
         config: &'a ServerConfig,
         channel: &'a ChannelSlot,
         stream: UnixStream,
-    ) -> Self {
+    ) -> Result<Self> {
         let num_queues = device.num_queues();
         let max_queue_size = device.max_queue_size().min(MAX_QUEUE_SIZE);
         let protocol =
@@ -184,7 +200,15 @@ impl<'a, D: Device> Connection<'a, D> {
         queues.resize_with(usize::from(num_queues), QueueSlot::default);
         let mut workers = Vec::new();
         workers.resize_with(usize::from(num_queues).div_ceil(group), || None);
-        Connection {
+        let stuck_workers = vec![false; workers.len()];
+        let alarm =
+            Arc::new(
+                EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|source| Error::Os {
+                    what: "creating the connection's alarm eventfd",
+                    source,
+                })?,
+            );
+        Ok(Connection {
             device,
             config,
             channel,
@@ -201,8 +225,11 @@ impl<'a, D: Device> Connection<'a, D> {
             inflight: None,
             queues,
             workers,
+            stuck_workers,
             needs_reset: Arc::new(AtomicBool::new(false)),
-        }
+            alarm,
+            seen_epoch: sigbus::epoch(),
+        })
     }
 
     /// Serves requests until the frontend disconnects, a fatal error, or `shutdown`
@@ -216,10 +243,20 @@ impl<'a, D: Device> Connection<'a, D> {
     fn serve(&mut self, shutdown: RawFd) -> Result<()> {
         let mut msg = Message::default();
         loop {
-            match super::server::wait_readable(self.stream.as_raw_fd(), shutdown)? {
+            let wake = super::server::wait_readable_or_alarm(
+                self.stream.as_raw_fd(),
+                shutdown,
+                self.alarm.as_raw_fd(),
+            )?;
+            match wake {
                 super::server::Wake::Shutdown => {
                     log::info!("shutting down: closing the frontend connection");
                     return Ok(());
+                }
+                super::server::Wake::Alarm => {
+                    let _ = self.alarm.read();
+                    self.check_poisoned_memory()?;
+                    continue;
                 }
                 super::server::Wake::Spurious => continue,
                 super::server::Wake::Readable => {}
@@ -236,7 +273,31 @@ impl<'a, D: Device> Connection<'a, D> {
                 }
             }
             self.handle(&mut msg)?;
+            // The connection thread touches guest memory too (ring bases, packed flags).
+            if sigbus::epoch() != self.seen_epoch {
+                self.check_poisoned_memory()?;
+            }
         }
+    }
+
+    /// Fails (closing the connection) if a SIGBUS poisoned this connection's guest memory
+    /// or inflight area (see `sigbus`).
+    fn check_poisoned_memory(&mut self) -> Result<()> {
+        self.seen_epoch = sigbus::epoch();
+        let what = if let Some(d) = self.memory.as_ref().and_then(|m| m.poisoned_region()) {
+            format!(
+                "the guest memory region at guest {:#x} (size {:#x})",
+                d.guest_addr, d.size
+            )
+        } else if self.inflight.as_ref().is_some_and(|a| a.poisoned()) {
+            "the inflight area".to_string()
+        } else {
+            return Ok(());
+        };
+        self.needs_reset.store(true, Ordering::Release);
+        let e = Error::MemoryTruncated(what);
+        log::error!("{e}");
+        Err(e)
     }
 
     /// Handles one request and answers it. An error return closes the connection.
@@ -541,13 +602,24 @@ impl<'a, D: Device> Connection<'a, D> {
             req::SET_VRING_KICK | req::SET_VRING_CALL | req::SET_VRING_ERR => {
                 let v = msg.body::<VhostUserU64>(name)?.value;
                 let nofd = v & VRING_NOFD != 0;
+                let i = self.queue_index(u32::try_from(v & 0xff).unwrap_or(u32::MAX))?;
                 let fd = if nofd {
                     msg.no_fds(name)?;
                     None
                 } else {
-                    Some(File::from(msg.single_fd(name)?))
+                    let (what, write) = match code {
+                        req::SET_VRING_KICK => ("kick", false),
+                        req::SET_VRING_CALL => ("call", true),
+                        _ => ("err", true),
+                    };
+                    let fd = msg.single_fd(name)?;
+                    Some(
+                        NotifyFd::adopt(fd, what, write).map_err(|source| Error::Os {
+                            what: "making a vring fd non-blocking",
+                            source,
+                        })?,
+                    )
                 };
-                let i = self.queue_index(u32::try_from(v & 0xff).unwrap_or(u32::MAX))?;
                 match code {
                     req::SET_VRING_KICK => self.set_kick(i, fd)?,
                     req::SET_VRING_CALL => {
@@ -802,8 +874,12 @@ impl<'a, D: Device> Connection<'a, D> {
             }
         }
         for (id, rx) in acks {
-            if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-                log::error!("queue worker {id} did not acknowledge the memory table change");
+            if rx.recv_timeout(CONTROL_REPLY_TIMEOUT).is_err() {
+                log::error!(
+                    "queue worker {id} did not acknowledge the memory table change within \
+                     {CONTROL_REPLY_TIMEOUT:?}"
+                );
+                self.stuck_workers[id] = true;
             }
         }
         for i in 0..self.num_queues {
@@ -817,7 +893,7 @@ impl<'a, D: Device> Connection<'a, D> {
         Ok(())
     }
 
-    fn set_kick(&mut self, i: u16, fd: Option<File>) -> Result<()> {
+    fn set_kick(&mut self, i: u16, fd: Option<NotifyFd>) -> Result<()> {
         let Some(fd) = fd else {
             return Err(Error::RingStart {
                 index: i,
@@ -992,6 +1068,7 @@ impl<'a, D: Device> Connection<'a, D> {
                 group,
                 settings,
                 self.needs_reset.clone(),
+                self.alarm.clone(),
             )?);
         }
         let (tx, rx) = mpsc::channel();
@@ -1004,7 +1081,7 @@ impl<'a, D: Device> Connection<'a, D> {
             }),
             reply: tx,
         })?;
-        match rx.recv() {
+        match rx.recv_timeout(CONTROL_REPLY_TIMEOUT) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(Error::RingStart {
@@ -1012,7 +1089,12 @@ impl<'a, D: Device> Connection<'a, D> {
                     why: format!("the worker could not watch its fds: {e}"),
                 })
             }
-            Err(_) => return Err(Error::WorkerGone(w)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                log::error!("queue {i}: worker {w} did not answer the start within {CONTROL_REPLY_TIMEOUT:?}");
+                self.stuck_workers[w] = true;
+                return Err(Error::WorkerGone(w));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Error::WorkerGone(w)),
         }
         self.queues[idx].running = true;
         log::info!(
@@ -1039,12 +1121,23 @@ impl<'a, D: Device> Connection<'a, D> {
                 Err(e) => log::error!("queue {i}: cannot stop: {e}"),
             }
         }
-        let limit = self.config.drain_timeout + Duration::from_secs(5);
+        // One deadline for all: the workers drain in parallel.
+        let limit = self.config.drain_timeout + CONTROL_REPLY_TIMEOUT;
+        let deadline = std::time::Instant::now() + limit;
         for (i, rx) in waits {
-            match rx.recv_timeout(limit) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
                 Ok(Some(base)) => self.queues[usize::from(i)].base = base,
                 Ok(None) => log::error!("queue {i}: the worker did not know the ring"),
-                Err(_) => log::error!("queue {i}: the worker did not report the ring stopped"),
+                Err(_) => {
+                    let (w, _) = self.worker_of(i);
+                    log::error!(
+                        "queue {i}: worker {w} did not report the ring stopped within {limit:?}; \
+                         reporting base {:#x}",
+                        self.queues[usize::from(i)].base
+                    );
+                    self.stuck_workers[w] = true;
+                }
             }
         }
     }
@@ -1054,11 +1147,16 @@ impl<'a, D: Device> Connection<'a, D> {
         self.stop_rings(&all);
     }
 
+    /// Ends every worker thread, each within a bound (short for one already known not
+    /// to answer), so teardown always finishes.
     fn join_workers(&mut self) {
-        for w in self.workers.iter_mut() {
+        let limit = self.config.drain_timeout + CONTROL_REPLY_TIMEOUT;
+        for (w, stuck) in self.workers.iter_mut().zip(self.stuck_workers.iter_mut()) {
             if let Some(w) = w.take() {
-                w.join();
+                let bound = if *stuck { STUCK_JOIN_TIMEOUT } else { limit };
+                w.join(bound);
             }
+            *stuck = false;
         }
     }
 

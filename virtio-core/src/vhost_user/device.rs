@@ -1,12 +1,12 @@
 //! What a daemon implements: a [`Device`] (features, queues, config space, reset) that
 //! creates one [`QueueHandler`] per started queue, which processes its [`Vring`].
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use super::error::DeviceError;
 use super::inflight::{InflightRequest, Tracker};
+use super::notify_fd::NotifyFd;
 use crate::chain::DescriptorChain;
 use crate::desc::PackedDescriptor;
 use crate::memory::GuestMemoryView;
@@ -76,9 +76,10 @@ pub trait QueueHandler: Send + 'static {
 
     /// The ring is being stopped (GET_VRING_BASE, reset or disconnect): take no new chains
     /// and finish the ones in flight. Requests already submitted may complete later: the
-    /// worker keeps delivering [`Self::handle_event`] until [`Vring::in_flight`] is 0 (or
-    /// the server's drain timeout passes), then reports the ring base and drops the
-    /// handler. Chains held without pending I/O (e.g. RX buffers waiting for data) must
+    /// worker keeps delivering [`Self::handle_event`] until every chain this backend
+    /// popped (or resubmitted) is returned (or the server's drain timeout passes), then
+    /// reports the ring base and drops the handler. Chains a restored ring base counts in
+    /// flight but nobody popped are not waited for. Chains held without pending I/O (e.g. RX buffers waiting for data) must
     /// be returned here, with a used length of 0.
     fn drain(&mut self, vring: &mut Vring) -> Result<(), DeviceError> {
         let _ = vring;
@@ -159,8 +160,10 @@ pub trait Device: Send + Sync + 'static {
 pub struct Vring {
     index: u16,
     queue: Queue,
-    call: Option<File>,
-    err: Option<File>,
+    call: Option<NotifyFd>,
+    err: Option<NotifyFd>,
+    /// Signalling the call or error fd failed (logged once, not per request).
+    signal_failed: bool,
     enabled: bool,
     used_pending: bool,
     tracker: Option<Tracker>,
@@ -169,6 +172,8 @@ pub struct Vring {
     /// Requests a previous backend instance left in flight, not handed to the handler
     /// yet; in reverse fetch order, so that `pop` takes the earliest.
     recovered: Vec<InflightRequest>,
+    /// Restored in-flight chains the handler resubmitted (see [`Self::awaited_in_flight`]).
+    resubmitted: u16,
 }
 
 // SAFETY: `desc_ring` points into guest memory kept mapped by the queue's memory view
@@ -186,25 +191,6 @@ impl std::fmt::Debug for Vring {
     }
 }
 
-/// Writes 1 to an eventfd (or the 8-byte token to a pipe). A full counter or a
-/// non-blocking descriptor that would block means a notification is pending anyway.
-fn signal_fd(fd: &File) -> std::io::Result<()> {
-    let v = 1u64.to_ne_bytes();
-    loop {
-        // SAFETY: writes 8 bytes from a live local buffer to a descriptor we own.
-        let r = unsafe { libc::write(fd.as_raw_fd(), v.as_ptr().cast(), v.len()) };
-        if r >= 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            std::io::ErrorKind::Interrupted => continue,
-            std::io::ErrorKind::WouldBlock => return Ok(()),
-            _ => return Err(e),
-        }
-    }
-}
-
 impl Vring {
     pub(crate) fn new(index: u16, queue: Queue, enabled: bool) -> Self {
         Vring {
@@ -212,11 +198,13 @@ impl Vring {
             queue,
             call: None,
             err: None,
+            signal_failed: false,
             enabled,
             used_pending: false,
             tracker: None,
             desc_ring: std::ptr::null(),
             recovered: Vec::new(),
+            resubmitted: 0,
         }
     }
 
@@ -244,13 +232,25 @@ impl Vring {
         }
     }
 
-    /// Replaces the call eventfd; returns true if there was none before.
-    pub(crate) fn set_call(&mut self, call: Option<File>) -> bool {
+    /// Replaces the call fd; returns true if there was none before.
+    pub(crate) fn set_call(&mut self, call: Option<NotifyFd>) -> bool {
+        self.signal_failed = false;
         std::mem::replace(&mut self.call, call).is_none()
     }
 
-    pub(crate) fn set_err(&mut self, err: Option<File>) {
+    pub(crate) fn set_err(&mut self, err: Option<NotifyFd>) {
+        self.signal_failed = false;
         self.err = err;
+    }
+
+    /// The call fd's descriptor, if any (the worker watches it for hang-up).
+    pub(crate) fn call_fd(&self) -> Option<RawFd> {
+        self.call.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// The error fd's descriptor, if any (the worker watches it for hang-up).
+    pub(crate) fn err_fd(&self) -> Option<RawFd> {
+        self.err.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     pub(crate) fn set_enabled(&mut self, enabled: bool) {
@@ -290,17 +290,37 @@ impl Vring {
         self.enabled
     }
 
-    /// Chains popped and not yet returned. Recovered requests count once they were
-    /// popped (see [`Self::pop_into`]).
+    /// Chains this backend popped (recovered requests included, once popped) and not yet
+    /// returned: what a stop waits for.
+    ///
+    /// A split ring base restored past the used index (SET_VRING_BASE after a restart, or
+    /// a frontend's bad base) counts chains in flight that no handler holds; they are not
+    /// counted here until [`Self::pop_into`] hands them out as recovered requests, and
+    /// those never handed out can never complete, so a stop does not wait for them (the
+    /// inflight area, if any, still records them for the next backend instance). A
+    /// packed ring counts recovered chains only once they are popped.
     pub fn in_flight(&self) -> u16 {
-        let pending = u16::try_from(self.recovered.len()).unwrap_or(u16::MAX);
-        self.queue.in_flight().saturating_sub(pending)
+        self.queue
+            .in_flight()
+            .saturating_sub(self.unreachable_in_flight())
     }
 
     /// Requests left in flight by a previous backend instance that [`Self::pop_into`]
     /// has not handed to the handler yet.
     pub fn recovered_pending(&self) -> usize {
         self.recovered.len()
+    }
+
+    /// The in-flight chains a stop can wait for (see [`Self::in_flight`]).
+    pub(crate) fn awaited_in_flight(&self) -> u16 {
+        self.in_flight()
+    }
+
+    /// Restored in-flight chains no handler holds (see [`Self::in_flight`]).
+    pub(crate) fn unreachable_in_flight(&self) -> u16 {
+        self.queue
+            .restored_in_flight()
+            .saturating_sub(self.resubmitted)
     }
 
     /// True if the driver has made buffers available that were not popped yet.
@@ -410,26 +430,24 @@ impl Vring {
         }
     }
 
-    /// Signals the call eventfd unconditionally.
-    pub(crate) fn notify_driver(&self) {
+    /// Signals the call fd unconditionally. Never blocks (see `notify_fd`).
+    pub(crate) fn notify_driver(&mut self) {
         if let Some(call) = &self.call {
-            if let Err(e) = signal_fd(call) {
-                log::warn!(
-                    "queue {}: signalling the call eventfd failed: {e}",
-                    self.index
-                );
+            if let Err(e) = call.signal() {
+                if !std::mem::replace(&mut self.signal_failed, true) {
+                    log::warn!("queue {}: signalling the call fd failed: {e}", self.index);
+                }
             }
         }
     }
 
-    /// Signals the error eventfd (SET_VRING_ERR), if the frontend gave one.
-    pub(crate) fn notify_error(&self) {
+    /// Signals the error fd (SET_VRING_ERR), if the frontend gave one. Never blocks.
+    pub(crate) fn notify_error(&mut self) {
         if let Some(err) = &self.err {
-            if let Err(e) = signal_fd(err) {
-                log::warn!(
-                    "queue {}: signalling the error eventfd failed: {e}",
-                    self.index
-                );
+            if let Err(e) = err.signal() {
+                if !std::mem::replace(&mut self.signal_failed, true) {
+                    log::warn!("queue {}: signalling the error fd failed: {e}", self.index);
+                }
             }
         }
     }
@@ -471,6 +489,9 @@ impl Vring {
                 "queue {}: every request left in flight by the previous backend instance was resubmitted",
                 self.index
             );
+        }
+        if self.queue.layout() == RingLayout::Split {
+            self.resubmitted = self.resubmitted.saturating_add(1);
         }
         Ok(true)
     }

@@ -156,6 +156,14 @@ pub enum Error {
     /// The device refused an operation.
     #[error("device: {0}")]
     Device(#[source] DeviceError),
+    /// The frontend shrank the file behind guest memory (or the inflight area) and the
+    /// daemon touched a page past its end: the SIGBUS was caught, the mapping replaced
+    /// with anonymous memory, and the connection is closed.
+    #[error(
+        "the frontend shrank the file behind {0} while it was mapped (SIGBUS caught); \
+         closing the connection"
+    )]
+    MemoryTruncated(String),
     /// A queue worker thread is gone (it panicked or could not be started).
     #[error("queue worker {0} is not running")]
     WorkerGone(usize),

@@ -118,6 +118,8 @@ pub(crate) struct InflightRequest {
 pub(crate) struct InflightMapping {
     base: *mut u8,
     len: usize,
+    /// The mapping's entry in the SIGBUS registry (the frontend may shrink its file).
+    registration: Option<super::sigbus::Registration>,
 }
 
 // SAFETY: plain shared memory owned by this value; the pointer carries no thread affinity.
@@ -127,6 +129,7 @@ unsafe impl Sync for InflightMapping {}
 
 impl Drop for InflightMapping {
     fn drop(&mut self) {
+        drop(self.registration.take());
         // SAFETY: a mapping created by `map_fd`, owned by this value, no longer referenced.
         if unsafe { libc::munmap(self.base.cast(), self.len) } != 0 {
             log::warn!(
@@ -187,6 +190,7 @@ impl InflightMapping {
         Ok(InflightMapping {
             base: base.cast(),
             len: ulen,
+            registration: super::sigbus::Registration::new(base, ulen),
         })
     }
 }
@@ -298,6 +302,14 @@ impl InflightArea {
     /// The queue size the area was sized for.
     pub fn queue_size(&self) -> u16 {
         self.queue_size
+    }
+
+    /// True once the frontend shrank the area's file and an access faulted (`sigbus`).
+    pub fn poisoned(&self) -> bool {
+        self.mapping
+            .registration
+            .as_ref()
+            .is_some_and(super::sigbus::Registration::poisoned)
     }
 
     /// The number of queues the area has regions for.

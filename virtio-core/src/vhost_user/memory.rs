@@ -12,6 +12,7 @@ use std::sync::Arc;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 
 use super::error::{Error, Result};
+use super::sigbus::Registration;
 use crate::memory::{GuestMemoryView, HostRegion};
 
 /// Most regions the table accepts (GET_MAX_MEM_SLOTS; QEMU caps it at its own limit).
@@ -70,6 +71,8 @@ pub(crate) struct MappedRegion {
     desc: RegionDesc,
     map_base: *mut libc::c_void,
     map_len: usize,
+    /// The mapping's entry in the SIGBUS registry (see `sigbus`).
+    registration: Option<Registration>,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value; the pointer has no
@@ -80,6 +83,8 @@ unsafe impl Sync for MappedRegion {}
 
 impl Drop for MappedRegion {
     fn drop(&mut self) {
+        // Out of the SIGBUS registry before the address range can be reused.
+        drop(self.registration.take());
         // SAFETY: `map_base..map_base + map_len` is a mapping created by `map` and owned by
         // this value; every view using it holds an `Arc` of this value, so none remains.
         if unsafe { libc::munmap(self.map_base, self.map_len) } != 0 {
@@ -145,11 +150,21 @@ impl MappedRegion {
                 source: std::io::Error::last_os_error(),
             });
         }
+        log_seals(fd, &desc);
         Ok(MappedRegion {
             desc,
             map_base: base,
             map_len,
+            registration: Registration::new(base, map_len),
         })
+    }
+
+    /// True once the frontend shrank the file under this mapping and an access faulted
+    /// (the mapping is now anonymous memory; see `sigbus`).
+    pub fn poisoned(&self) -> bool {
+        self.registration
+            .as_ref()
+            .is_some_and(Registration::poisoned)
     }
 
     pub fn desc(&self) -> &RegionDesc {
@@ -166,6 +181,25 @@ impl MappedRegion {
                 .cast::<u8>()
                 .wrapping_add(crate::usize_from(self.desc.mmap_offset)),
         }
+    }
+}
+
+/// Logs (debug) whether the region's file is sealed against shrinking. Unsealed memory
+/// is accepted (most frontends' is): a truncation is survived through `sigbus`.
+fn log_seals(fd: &OwnedFd, desc: &RegionDesc) {
+    // SAFETY: F_GET_SEALS takes no argument; it fails (EINVAL) on non-memfd files.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+        log::debug!(
+            "memory region at guest {:#x}: sealed against shrinking",
+            desc.guest_addr
+        );
+    } else {
+        log::debug!(
+            "memory region at guest {:#x}: not sealed against shrinking (a truncation is \
+             caught as SIGBUS and closes the connection)",
+            desc.guest_addr
+        );
     }
 }
 
@@ -218,6 +252,11 @@ impl MemoryTable {
     /// The regions.
     pub fn regions(&self) -> &[Arc<MappedRegion>] {
         &self.regions
+    }
+
+    /// The first region whose file the frontend shrank (see `sigbus`).
+    pub fn poisoned_region(&self) -> Option<&RegionDesc> {
+        self.regions.iter().find(|r| r.poisoned()).map(|r| r.desc())
     }
 
     /// Translates a frontend virtual address to a guest-physical address.

@@ -20,6 +20,12 @@
 //!   call eventfd only when the driver's notification suppression asks for it;
 //! - **inflight tracking** records popped chains in the shared area of
 //!   `GET_INFLIGHT_FD`/`SET_INFLIGHT_FD`, in the documented split and packed formats.
+//! - **hostile frontends** cannot stop the daemon: kick, call and error fds are made
+//!   non-blocking when received (`notify_fd`), an fd that hangs up breaks its queue
+//!   instead of spinning the worker, every wait of a connection on its workers is bounded
+//!   and logged, and a frontend that shrinks the file behind guest memory gets its
+//!   connection closed instead of the daemon killed by SIGBUS (`sigbus`: the server
+//!   installs a process-wide SIGBUS handler, chaining to the previous one).
 //!
 //! A block daemon, sketched (completions through io_uring, one ring per queue):
 //!
@@ -102,8 +108,10 @@ mod error;
 pub mod inflight;
 mod memory;
 mod message;
+mod notify_fd;
 mod poll;
 mod server;
+mod sigbus;
 mod worker;
 
 #[cfg(test)]

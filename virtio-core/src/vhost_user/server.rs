@@ -31,7 +31,9 @@ pub struct ServerConfig {
     /// further apart do not poll. 0 never polls. Default 50.
     pub adaptive_poll_max_us: u64,
     /// How long stopping a ring (GET_VRING_BASE, reset, disconnect) waits for its
-    /// in-flight requests before giving up on them.
+    /// in-flight requests before giving up on them (only chains the handler holds are
+    /// waited for). The connection waits at most this plus 5 s for a worker's answer,
+    /// and leaves behind a worker that does not exit in that time.
     pub drain_timeout: Duration,
     /// Prefix of worker thread names (`<prefix>-q<first queue>`).
     pub thread_name: String,
@@ -94,6 +96,8 @@ impl<D: Device> std::fmt::Debug for Server<D> {
 impl<D: Device> Server<D> {
     /// A server for `device` on `socket`.
     pub fn new(socket: FrontendSocket, device: Arc<D>, config: ServerConfig) -> Result<Self> {
+        // A frontend that shrinks guest memory must not kill the daemon (see `sigbus`).
+        super::sigbus::install();
         let shutdown = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|source| Error::Os {
             what: "creating the shutdown eventfd",
             source,
@@ -159,7 +163,7 @@ impl<D: Device> Server<D> {
                     log::info!("shutdown requested");
                     return Ok(());
                 }
-                Wake::Spurious => continue,
+                Wake::Spurious | Wake::Alarm => continue,
                 Wake::Readable => {}
             }
             let stream = match listener.accept() {
@@ -190,7 +194,15 @@ impl<D: Device> Server<D> {
     /// queues and resets the device.
     pub fn serve_connection(&self, stream: UnixStream) -> Result<()> {
         stream.set_nonblocking(false).map_err(Error::Socket)?;
-        let conn = Connection::new(&self.device, &self.config, &self.channel, stream);
+        // Requests are read once the socket polls readable; these bound a frontend that
+        // stops in the middle of a message or never reads its replies.
+        stream
+            .set_read_timeout(Some(super::connection::SOCKET_IO_TIMEOUT))
+            .map_err(Error::Socket)?;
+        stream
+            .set_write_timeout(Some(super::connection::SOCKET_IO_TIMEOUT))
+            .map_err(Error::Socket)?;
+        let conn = Connection::new(&self.device, &self.config, &self.channel, stream)?;
         conn.run(self.shutdown.as_raw_fd())
     }
 }
@@ -226,26 +238,29 @@ pub(crate) enum Wake {
     Readable,
     /// The shutdown eventfd is readable.
     Shutdown,
+    /// The alarm eventfd of [`wait_readable_or_alarm`] is readable.
+    Alarm,
     /// Interrupted by a signal, or no event on either fd: wait again.
     Spurious,
 }
 
 /// Waits until `fd` or the `shutdown` eventfd is readable; shutdown wins when both are.
 pub(crate) fn wait_readable(fd: RawFd, shutdown: RawFd) -> Result<Wake> {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: shutdown,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    // SAFETY: `fds` is a live array of two pollfd for the duration of the call.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    wait_readable_or_alarm(fd, shutdown, -1)
+}
+
+/// As [`wait_readable`], also waking for `alarm` (ignored if negative); shutdown wins,
+/// then the alarm.
+pub(crate) fn wait_readable_or_alarm(fd: RawFd, shutdown: RawFd, alarm: RawFd) -> Result<Wake> {
+    let pfd = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let mut fds = [pfd(fd), pfd(shutdown), pfd(alarm)];
+    // SAFETY: `fds` is a live array of three pollfd for the duration of the call (poll
+    // ignores entries with a negative fd).
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
     if r < 0 {
         let e = std::io::Error::last_os_error();
         if e.kind() == std::io::ErrorKind::Interrupted {
@@ -255,6 +270,8 @@ pub(crate) fn wait_readable(fd: RawFd, shutdown: RawFd) -> Result<Wake> {
     }
     Ok(if fds[1].revents != 0 {
         Wake::Shutdown
+    } else if fds[2].revents != 0 {
+        Wake::Alarm
     } else if fds[0].revents != 0 {
         Wake::Readable
     } else {

@@ -1283,3 +1283,5 @@ fn rings_start_enabled_without_protocol_features() {
     drop(fe);
     t.join().unwrap().unwrap();
 }
+
+mod hostile;

@@ -6,7 +6,6 @@
 //! channel plus an eventfd, only for control operations (start, stop, memory change,
 //! call/err fd change, enable).
 
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,14 +18,16 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::device::{Processed, QueueHandler, Vring};
 use super::error::{DeviceError, Error, Result};
+use super::notify_fd::{Drained, NotifyFd};
 use super::poll::{PollPolicy, Poller};
+use super::sigbus;
 use crate::memory::GuestMemoryView;
 
 /// A started queue, as handed to its worker.
 pub(crate) struct ActiveQueue<H> {
     pub vring: Vring,
     pub handler: H,
-    pub kick: File,
+    pub kick: NotifyFd,
 }
 
 /// Control operations sent to a worker.
@@ -48,9 +49,9 @@ pub(crate) enum Command<H> {
         reply: Sender<()>,
     },
     /// Replace the call eventfd of a queue.
-    SetCall { slot: usize, fd: Option<File> },
+    SetCall { slot: usize, fd: Option<NotifyFd> },
     /// Replace the error eventfd of a queue.
-    SetErr { slot: usize, fd: Option<File> },
+    SetErr { slot: usize, fd: Option<NotifyFd> },
     /// Enable or disable a queue.
     SetEnabled { slot: usize, enabled: bool },
     /// Stop every queue (draining) and end the thread.
@@ -72,6 +73,9 @@ pub(crate) struct WorkerHandle<H> {
     tx: Sender<Command<H>>,
     wake: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// Disconnected when the thread ends (its sender is dropped as `run` returns or
+    /// unwinds): lets [`Self::join`] wait with a bound.
+    done: Receiver<()>,
 }
 
 impl<H: QueueHandler> WorkerHandle<H> {
@@ -82,6 +86,7 @@ impl<H: QueueHandler> WorkerHandle<H> {
         group_size: usize,
         settings: WorkerSettings,
         needs_reset: Arc<AtomicBool>,
+        alarm: Arc<EventFd>,
     ) -> Result<Self> {
         let os = |what| move |source| Error::Os { what, source };
         let wake =
@@ -108,17 +113,24 @@ impl<H: QueueHandler> WorkerHandle<H> {
             slots,
             settings,
             needs_reset,
+            alarm,
+            seen_epoch: sigbus::epoch(),
             exiting: false,
         };
+        let (done_tx, done) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || worker.run())
+            .spawn(move || {
+                let _done = done_tx;
+                worker.run();
+            })
             .map_err(os("spawning a queue worker thread"))?;
         Ok(WorkerHandle {
             id,
             tx,
             wake,
             thread: Some(thread),
+            done,
         })
     }
 
@@ -131,22 +143,58 @@ impl<H: QueueHandler> WorkerHandle<H> {
         })
     }
 
-    /// Asks the worker to stop its queues and waits for the thread to end.
-    pub fn join(mut self) {
+    /// Asks the worker to stop its queues and waits up to `limit` for the thread to end.
+    /// A worker still running then is logged and left behind (detached): it owns only this
+    /// connection's queues and memory, and must not keep the daemon from serving the next
+    /// frontend or from stopping. Returns false in that case.
+    pub fn join(mut self, limit: Duration) -> bool {
         if self.send(Command::Exit).is_err() {
             log::warn!("queue worker {} was already gone", self.id);
+        }
+        match self.done.recv_timeout(limit) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                log::error!(
+                    "queue worker {} did not exit within {limit:?}; leaving it behind",
+                    self.id
+                );
+                return false;
+            }
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {}
         }
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 log::error!("queue worker {} panicked", self.id);
             }
         }
+        true
     }
 }
 
 const TOKEN_COMMAND: u64 = 0;
 const KIND_KICK: u64 = 1;
 const KIND_EVENT: u64 = 2;
+/// A call fd, watched (with no event asked) only for hang-up and error.
+const KIND_CALL: u64 = 3;
+/// An error fd, watched the same way.
+const KIND_ERR: u64 = 4;
+
+/// Hang-up or error on a watched descriptor (always reported by epoll).
+fn hung_up(events: u32) -> bool {
+    events & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0
+}
+
+/// Whether `fd` reports hang-up or error now (slow path: re-checks a hang-up event, which
+/// may have come from a call or error fd replaced earlier in the same epoll batch).
+fn fd_hung_up(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd for the duration of the call; zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
 
 fn token(kind: u64, slot: usize, fd_index: usize) -> u64 {
     (kind << 16) | slot as u64 | ((fd_index as u64) << 32)
@@ -160,6 +208,15 @@ fn untoken(t: u64) -> (u64, usize, usize) {
     )
 }
 
+fn epoll_del(epoll: RawFd, fd: RawFd) {
+    let _ = epoll::ctl(
+        epoll,
+        epoll::ControlOptions::EPOLL_CTL_DEL,
+        fd,
+        epoll::Event::new(epoll::Events::empty(), 0),
+    );
+}
+
 enum State {
     Running,
     Stopping {
@@ -170,7 +227,13 @@ enum State {
 
 struct Slot<H> {
     q: ActiveQueue<H>,
+    /// The handler's event fds still in the epoll set (-1: removed after a hang-up).
     handler_fds: Vec<RawFd>,
+    /// The kick fd is in the epoll set.
+    kick_watched: bool,
+    /// The call and error fds registered in the epoll set (for hang-up).
+    call_watched: Option<RawFd>,
+    err_watched: Option<RawFd>,
     state: State,
     /// Kicked (or otherwise due) and not processed yet.
     kicked: bool,
@@ -191,6 +254,10 @@ struct Worker<H> {
     slots: Vec<Option<Slot<H>>>,
     settings: WorkerSettings,
     needs_reset: Arc<AtomicBool>,
+    /// Written to wake the connection when guest memory was found poisoned.
+    alarm: Arc<EventFd>,
+    /// `sigbus::epoch()` when last checked.
+    seen_epoch: u64,
     exiting: bool,
 }
 
@@ -216,10 +283,16 @@ impl<H: QueueHandler> Worker<H> {
                 }
             };
             for ev in &events[..n] {
-                let data = ev.data;
-                self.dispatch(data);
+                let (data, flags) = (ev.data, ev.events);
+                self.dispatch(data, flags);
             }
             self.run_queues();
+            // One atomic load per round; a closer look only after a SIGBUS somewhere.
+            let epoch = sigbus::epoch();
+            if epoch != self.seen_epoch {
+                self.seen_epoch = epoch;
+                self.check_poisoned_memory();
+            }
             self.finish_stopping();
             if self.exiting && self.slots.iter().all(Option::is_none) {
                 break;
@@ -250,7 +323,7 @@ impl<H: QueueHandler> Worker<H> {
         }
     }
 
-    fn dispatch(&mut self, data: u64) {
+    fn dispatch(&mut self, data: u64, events: u32) {
         if data == TOKEN_COMMAND {
             let _ = self.wake.read();
             while let Ok(cmd) = self.rx.try_recv() {
@@ -259,16 +332,32 @@ impl<H: QueueHandler> Worker<H> {
             return;
         }
         let (kind, slot, fd_index) = untoken(data);
+        let epoll = self.epoll.as_raw_fd();
         let Some(Some(s)) = self.slots.get_mut(slot) else {
             return;
         };
+        // Rule: a kick, call, error or handler fd that reports hang-up or error (or EOF)
+        // breaks its queue and leaves the epoll set, so a level-triggered hang-up cannot
+        // keep the worker spinning.
         match kind {
             KIND_KICK => {
-                let mut v = [0u8; 8];
-                // SAFETY: reads at most 8 bytes into a live local buffer from an eventfd
-                // we hold open. Failure (EAGAIN on a spurious wake-up) is harmless.
-                let _ = unsafe { libc::read(s.q.kick.as_raw_fd(), v.as_mut_ptr().cast(), v.len()) };
-                s.kicked = true;
+                let why = if hung_up(events) {
+                    Some("the kick fd reported hang-up or error".to_string())
+                } else {
+                    match s.q.kick.drain() {
+                        Ok(Drained::Open) => None,
+                        Ok(Drained::HungUp) => Some("the kick fd reached end of file".into()),
+                        Err(e) => Some(format!("reading the kick fd failed: {e}")),
+                    }
+                };
+                match why {
+                    None => s.kicked = true,
+                    Some(why) => {
+                        epoll_del(epoll, s.q.kick.as_raw_fd());
+                        s.kick_watched = false;
+                        Self::break_queue(&self.needs_reset, s, &DeviceError::Other(why));
+                    }
+                }
             }
             KIND_EVENT => {
                 if let Err(e) = s.q.handler.handle_event(fd_index, &mut s.q.vring) {
@@ -291,7 +380,42 @@ impl<H: QueueHandler> Worker<H> {
                     }
                 }
                 s.q.vring.signal_used();
+                if hung_up(events) {
+                    if let Some(fd) = s.handler_fds.get_mut(fd_index) {
+                        epoll_del(epoll, *fd);
+                        *fd = -1;
+                    }
+                    let why =
+                        format!("the handler's event fd {fd_index} reported hang-up or error");
+                    Self::break_queue(&self.needs_reset, s, &DeviceError::Other(why));
+                }
             }
+            KIND_CALL | KIND_ERR if hung_up(events) => {
+                let current = if kind == KIND_CALL {
+                    s.call_watched
+                } else {
+                    s.err_watched
+                };
+                if !current.is_some_and(fd_hung_up) {
+                    return;
+                }
+                let what = if kind == KIND_CALL {
+                    if let Some(fd) = s.call_watched.take() {
+                        epoll_del(epoll, fd);
+                    }
+                    let _ = s.q.vring.set_call(None);
+                    "call"
+                } else {
+                    if let Some(fd) = s.err_watched.take() {
+                        epoll_del(epoll, fd);
+                    }
+                    s.q.vring.set_err(None);
+                    "error"
+                };
+                let why = format!("the {what} fd reported hang-up or error; it is closed");
+                Self::break_queue(&self.needs_reset, s, &DeviceError::Other(why));
+            }
+            KIND_CALL | KIND_ERR => {}
             _ => log::warn!("queue worker {}: unknown epoll token {data:#x}", self.id),
         }
     }
@@ -306,12 +430,30 @@ impl<H: QueueHandler> Worker<H> {
     }
 
     fn epoll_del(&self, fd: RawFd) {
-        let _ = epoll::ctl(
+        epoll_del(self.epoll.as_raw_fd(), fd);
+    }
+
+    /// Watches a call or error fd for hang-up and error only (no event asked: a call
+    /// fd's readiness belongs to the frontend). `None` if it cannot be watched (e.g. a
+    /// regular file): it is then simply not watched.
+    fn watch_notify_fd(&self, fd: Option<RawFd>, kind: u64, slot: usize) -> Option<RawFd> {
+        let fd = fd?;
+        let ev = epoll::Event::new(epoll::Events::empty(), token(kind, slot, 0));
+        match epoll::ctl(
             self.epoll.as_raw_fd(),
-            epoll::ControlOptions::EPOLL_CTL_DEL,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
             fd,
-            epoll::Event::new(epoll::Events::empty(), 0),
-        );
+            ev,
+        ) {
+            Ok(()) => Some(fd),
+            Err(e) => {
+                log::debug!(
+                    "queue worker {}: not watching a notification fd: {e}",
+                    self.id
+                );
+                None
+            }
+        }
     }
 
     fn command(&mut self, cmd: Command<H>) {
@@ -341,17 +483,33 @@ impl<H: QueueHandler> Worker<H> {
                 let _ = reply.send(());
             }
             Command::SetCall { slot, fd } => {
+                let raw = fd.as_ref().map(AsRawFd::as_raw_fd);
+                let watched = self.watch_notify_fd(raw, KIND_CALL, slot);
+                let epoll = self.epoll.as_raw_fd();
                 if let Some(Some(s)) = self.slots.get_mut(slot) {
+                    if let Some(old) = std::mem::replace(&mut s.call_watched, watched) {
+                        epoll_del(epoll, old);
+                    }
                     // Notifications due while there was no call fd were lost: signal
                     // once when one arrives.
                     if s.q.vring.set_call(fd) {
                         s.q.vring.notify_driver();
                     }
+                } else if let Some(w) = watched {
+                    epoll_del(epoll, w);
                 }
             }
             Command::SetErr { slot, fd } => {
+                let raw = fd.as_ref().map(AsRawFd::as_raw_fd);
+                let watched = self.watch_notify_fd(raw, KIND_ERR, slot);
+                let epoll = self.epoll.as_raw_fd();
                 if let Some(Some(s)) = self.slots.get_mut(slot) {
+                    if let Some(old) = std::mem::replace(&mut s.err_watched, watched) {
+                        epoll_del(epoll, old);
+                    }
                     s.q.vring.set_err(fd);
+                } else if let Some(w) = watched {
+                    epoll_del(epoll, w);
                 }
             }
             Command::SetEnabled { slot, enabled } => {
@@ -394,9 +552,14 @@ impl<H: QueueHandler> Worker<H> {
                 return Err(e);
             }
         }
+        let call_watched = self.watch_notify_fd(q.vring.call_fd(), KIND_CALL, slot);
+        let err_watched = self.watch_notify_fd(q.vring.err_fd(), KIND_ERR, slot);
         self.slots[slot] = Some(Slot {
             q,
             handler_fds,
+            kick_watched: true,
+            call_watched,
+            err_watched,
             state: State::Running,
             // Look at the ring once: buffers may have been made available before the
             // kick fd was watched.
@@ -423,6 +586,14 @@ impl<H: QueueHandler> Worker<H> {
         }
         s.state = State::Stopping { deadline, reply };
         s.poll_deadline = None;
+        let unreachable = s.q.vring.unreachable_in_flight();
+        if unreachable > 0 {
+            log::warn!(
+                "queue {}: {unreachable} chains counted in flight by the restored ring base were \
+                 never popped by this backend; not waiting for them",
+                s.q.vring.index()
+            );
+        }
         if let Err(e) = s.q.handler.drain(&mut s.q.vring) {
             log::error!("queue {}: draining failed: {e}", s.q.vring.index());
             needs_reset.store(true, Ordering::Release);
@@ -439,7 +610,7 @@ impl<H: QueueHandler> Worker<H> {
                     q,
                     ..
                 }) => {
-                    let in_flight = q.vring.in_flight();
+                    let in_flight = q.vring.awaited_in_flight();
                     if in_flight > 0 && now >= *deadline {
                         log::error!(
                             "queue {}: {in_flight} requests still in flight after {:?}; stopping the ring anyway \
@@ -458,8 +629,15 @@ impl<H: QueueHandler> Worker<H> {
             let Some(s) = self.slots[i].take() else {
                 continue;
             };
-            self.epoll_del(s.q.kick.as_raw_fd());
-            for &fd in &s.handler_fds {
+            // Explicitly: the connection holds duplicates of these descriptors, so closing
+            // ours does not take them out of the epoll set.
+            if s.kick_watched {
+                self.epoll_del(s.q.kick.as_raw_fd());
+            }
+            for &fd in s.handler_fds.iter().filter(|&&fd| fd >= 0) {
+                self.epoll_del(fd);
+            }
+            for fd in [s.call_watched, s.err_watched].into_iter().flatten() {
                 self.epoll_del(fd);
             }
             let base = s.q.vring.queue().vring_base();
@@ -476,11 +654,43 @@ impl<H: QueueHandler> Worker<H> {
         }
     }
 
+    /// A guest memory mapping somewhere was replaced after a SIGBUS: break the queues
+    /// whose memory it is, and wake the connection (which checks its own mappings, the
+    /// inflight area included, and closes).
+    fn check_poisoned_memory(&mut self) {
+        for s in self.slots.iter_mut().flatten() {
+            if sigbus::view_poisoned(s.q.vring.memory()) {
+                let e = DeviceError::Other(
+                    "the frontend shrank the file behind guest memory (SIGBUS caught; the \
+                     mapping is now anonymous memory)"
+                        .into(),
+                );
+                Self::break_queue(&self.needs_reset, s, &e);
+            }
+        }
+        if let Err(e) = self.alarm.write(1) {
+            log::error!(
+                "queue worker {}: waking the connection failed: {e}",
+                self.id
+            );
+        }
+    }
+
     fn break_queue(needs_reset: &AtomicBool, s: &mut Slot<H>, e: &DeviceError) {
         if !s.broken {
+            // After a SIGBUS the ring reads zeros: name the cause, not its symptom.
+            // (Slow path: a break is rare, and `epoch` is 0 until a SIGBUS was caught.)
+            let poisoned = sigbus::epoch() != 0 && sigbus::view_poisoned(s.q.vring.memory());
             log::error!(
-                "queue {}: {e}; the queue is stopped until the device is reset",
-                s.q.vring.index()
+                "queue {}: {}; the queue is stopped until the device is reset",
+                s.q.vring.index(),
+                if poisoned {
+                    "the frontend shrank the file behind guest memory (SIGBUS caught; the mapping \
+                     is now anonymous memory)"
+                        .to_string()
+                } else {
+                    e.to_string()
+                }
             );
         }
         s.broken = true;
