@@ -1,7 +1,7 @@
 //! # vhost-user-blk
 //!
-//! The device side of a virtio block device (virtio 1.2 §5.2), written to be driven by a
-//! vhost-user server with one worker thread per virtqueue.
+//! The device side of a virtio block device (virtio 1.2 §5.2), served over vhost-user by
+//! `virtio_core::vhost_user`'s server.
 //!
 //! * [`backend`]: the disk image (regular file or block device), its geometry, serial,
 //!   read-only and `O_DIRECT` modes, write cache mode and resize.
@@ -15,6 +15,8 @@
 //!   I/O in batches straight from the guest's buffers, reaps completions in any order,
 //!   writes status bytes and returns the chains to the driver.
 //! * [`metrics`]: per-queue counters.
+//! * [`vhost_user`]: the device's vhost-user face on `virtio_core::vhost_user`
+//!   ([`BlkDevice`]): what the daemon serves, tested in-process through the server.
 //!
 //! Guest input is hostile: a malformed request ends with `VIRTIO_BLK_S_IOERR` or
 //! `VIRTIO_BLK_S_UNSUPP` in its status byte (or, when it has no status byte at all, is
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod queue;
 mod ratelimit;
 pub mod request;
+pub mod vhost_user;
 
 #[cfg(test)]
 mod tests;
@@ -38,7 +41,8 @@ pub use backend::{BackendError, BackendOptions, BlockBackend, CacheMode};
 pub use device::{BlockDevice, DeviceOptions, VirtioBlkConfig};
 pub use io::{EngineChoice, EngineKind};
 pub use metrics::{QueueMetrics, QueueMetricsSnapshot};
-pub use queue::{BlockQueue, QueueError, RequestRing};
+pub use queue::{BlockQueue, QueueError};
+pub use vhost_user::{BlkDevice, BlkQueues};
 
 /// Size of a virtio-blk sector: the unit of `sector` and `capacity`, whatever the logical
 /// block size (§5.2.4).

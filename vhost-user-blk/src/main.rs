@@ -7,7 +7,6 @@
 //! accepts the next one on the same socket. SIGTERM/SIGINT stop it; SIGHUP re-reads the
 //! disk size and, if it changed, tells the frontend with a config-change message.
 
-use std::os::fd::RawFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -16,12 +15,8 @@ use log::{error, info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vhost_user_blk::cli::BlockArgs;
-use vhost_user_blk::{BlockBackend, BlockDevice, BlockQueue, QueueError, RequestRing};
-use virtio_core::vhost_user::{
-    BackendArgs, Capabilities, Device, DeviceError, Processed, ProtocolFeatures, QueueContext,
-    QueueHandler, Server, ServerConfig, Vring,
-};
-use virtio_core::{DescriptorChain, GuestMemoryView};
+use vhost_user_blk::{BlkDevice, BlockBackend, BlockDevice};
+use virtio_core::vhost_user::{BackendArgs, Capabilities, Server, ServerConfig};
 
 /// Shown at the end of `--help`: a command line to copy.
 const AFTER_HELP: &str = "\
@@ -62,143 +57,6 @@ struct Options {
     /// Queues served by one worker thread (1: a thread per queue).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     queues_per_thread: u16,
-}
-
-/// The vhost-user face of the block device.
-struct BlkDevice {
-    dev: BlockDevice,
-}
-
-/// One queue's processor, owned by its worker thread.
-struct BlkQueueHandler {
-    index: u16,
-    queue: BlockQueue,
-}
-
-impl Drop for BlkQueueHandler {
-    /// The ring stopped (GET_VRING_BASE, reset or disconnect): log what it did.
-    fn drop(&mut self) {
-        info!(
-            "queue {}: stopped; counters since the daemon started: {:?}",
-            self.index,
-            self.queue.metrics().snapshot()
-        );
-        if let Some(c) = self.queue.path_counts() {
-            info!(
-                "queue {}: operations of this ring: {} inline, {} through io_uring ({} of them \
-                 after RWF_NOWAIT said they would block)",
-                self.index, c.inline, c.uring, c.would_block
-            );
-        }
-    }
-}
-
-/// Lets [`BlockQueue`] pop and complete through the server's ring wrapper, which
-/// records requests in the inflight area.
-struct VringRing<'a>(&'a mut Vring);
-
-impl RequestRing for VringRing<'_> {
-    fn pop_into(&mut self, chain: &mut DescriptorChain) -> virtio_core::Result<bool> {
-        self.0.pop_into(chain)
-    }
-
-    fn add_used_batch(&mut self, used: &[(u16, u32)]) -> virtio_core::Result<()> {
-        self.0.add_used_batch(used)
-    }
-}
-
-fn device_error(e: QueueError) -> DeviceError {
-    match e {
-        QueueError::Queue(q) => DeviceError::Queue(q),
-        QueueError::Engine(io) => DeviceError::Io(io),
-    }
-}
-
-impl QueueHandler for BlkQueueHandler {
-    fn event_fds(&self) -> Vec<RawFd> {
-        self.queue.completion_fd().into_iter().collect()
-    }
-
-    fn process(&mut self, vring: &mut Vring) -> Result<Processed, DeviceError> {
-        self.queue
-            .process_available(&mut VringRing(vring))
-            .map_err(device_error)?;
-        Ok(if self.queue.is_throttled() {
-            Processed::Throttled
-        } else {
-            Processed::Empty
-        })
-    }
-
-    fn handle_event(&mut self, _fd_index: usize, vring: &mut Vring) -> Result<(), DeviceError> {
-        self.queue
-            .process_completions(&mut VringRing(vring))
-            .map_err(device_error)?;
-        Ok(())
-    }
-
-    fn drain(&mut self, vring: &mut Vring) -> Result<(), DeviceError> {
-        self.queue
-            .drain(&mut VringRing(vring))
-            .map_err(device_error)?;
-        Ok(())
-    }
-
-    fn memory_changed(&mut self, _memory: &Arc<GuestMemoryView>) {
-        self.queue.release_idle_memory();
-    }
-}
-
-impl Device for BlkDevice {
-    type Handler = BlkQueueHandler;
-
-    fn features(&self) -> u64 {
-        self.dev.features()
-    }
-
-    fn protocol_features(&self) -> ProtocolFeatures {
-        ProtocolFeatures::CONFIG | ProtocolFeatures::INFLIGHT_SHMFD
-    }
-
-    fn num_queues(&self) -> u16 {
-        self.dev.num_queues()
-    }
-
-    fn max_queue_size(&self) -> u16 {
-        self.dev.max_queue_size()
-    }
-
-    fn set_features(&self, features: u64) -> Result<(), DeviceError> {
-        self.dev.set_acked_features(features);
-        Ok(())
-    }
-
-    fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<(), DeviceError> {
-        self.dev.read_config(offset, buf);
-        Ok(())
-    }
-
-    fn write_config(&self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
-        self.dev
-            .write_config(offset, data)
-            .map_err(|e| DeviceError::Other(e.to_string()))
-    }
-
-    fn start_queue(&self, ctx: &QueueContext) -> Result<BlkQueueHandler, DeviceError> {
-        let queue = self.dev.create_queue(ctx.index, ctx.size)?;
-        info!(
-            "queue {}: started ({:?} ring, {} entries)",
-            ctx.index, ctx.layout, ctx.size
-        );
-        Ok(BlkQueueHandler {
-            index: ctx.index,
-            queue,
-        })
-    }
-
-    fn reset(&self) {
-        self.dev.reset();
-    }
 }
 
 fn run() -> Result<(), String> {
@@ -242,9 +100,11 @@ fn run() -> Result<(), String> {
         },
         engine
     );
-    let device = Arc::new(BlkDevice {
-        dev: BlockDevice::new(Arc::new(backend), options.blk.device_options(), engine),
-    });
+    let device = Arc::new(BlkDevice::new(BlockDevice::new(
+        Arc::new(backend),
+        options.blk.device_options(),
+        engine,
+    )));
     let socket = options
         .conventions
         .into_socket()
@@ -267,7 +127,7 @@ fn run() -> Result<(), String> {
         .spawn(move || {
             for signal in signals.forever() {
                 if signal == SIGHUP {
-                    match signal_device.dev.resize() {
+                    match signal_device.block_device().resize() {
                         Ok(true) => {
                             info!("disk size changed; notifying the frontend");
                             if let Err(e) = notifier.notify_config_change() {

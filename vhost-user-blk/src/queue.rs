@@ -1,25 +1,22 @@
 //! The per-queue request processor.
 //!
-//! [`BlockQueue`] is owned by one queue's worker thread. It works on any
-//! [`RequestRing`]: a [`virtio_core::Queue`], or the vhost-user server's ring wrapper.
-//! Typical worker (epoll over the kick eventfd and, with io_uring,
-//! [`BlockQueue::completion_fd`]):
+//! [`BlockQueue`] is owned by the worker thread of its queue's group, and works on the
+//! queue's [`Vring`] (the vhost-user server's, or a [`Vring::standalone`] one). How the
+//! vhost-user handler ([`crate::vhost_user::BlkQueues`]) drives it:
 //!
 //! ```text
-//! vhost-user QueueHandler            BlockQueue
+//! QueueHandler                       BlockQueue
 //! ---------------------------------  ----------------------------------------------
-//! event_fds()                        completion_fd() (None with the sync engine)
-//! process(vring)                     process_available(ring); Throttled if
+//! queue_started(ctx, q)              BlockQueue::new; register completion_fd() (none
+//!                                    with the sync engine)
+//! process(ctx, q)                    process_available(vring); Throttled if
 //!                                    is_throttled(), else Empty
-//! handle_event(_, vring)             process_completions(ring)
-//! drain(vring)                       drain(ring) (returns at once; what is still in
+//! handle_event(ctx, token, _)        process_completions(vring)
+//! drain(ctx, q)                      drain(vring) (returns at once; what is still in
 //!                                    flight completes through process_completions)
+//! queue_stopped(ctx, q)              drop (waits, bounded, for operations in flight)
 //! memory_changed(_)                  release_idle_memory()
 //! ```
-//!
-//! A worker driving a [`Queue`] itself uses [`BlockQueue::handle_kick`] and
-//! [`BlockQueue::handle_completions`], which also handle notification suppression and
-//! say whether to signal the driver.
 //!
 //! Requests live in a slot table with one slot per queue entry, so every chain the
 //! driver can make available has a slot, and a slot's [`DescriptorChain`], iovec vector
@@ -38,7 +35,8 @@ use std::os::unix::io::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_core::{DescriptorChain, Queue};
+use virtio_core::vhost_user::Vring;
+use virtio_core::DescriptorChain;
 
 use crate::backend::{BlockBackend, CacheMode};
 use crate::io::{AlignedBuf, Engine, EngineKind, Op, SyncEngine, IOV_MAX};
@@ -62,42 +60,6 @@ const MAX_RETRIES: u32 = 1000;
 /// worker drops a queue after its drain completed or the server's drain timeout passed,
 /// so this bound is only reached by I/O stuck in the kernel.
 pub const DROP_WAIT: Duration = Duration::from_secs(5);
-
-/// The ring a [`BlockQueue`] takes requests from and returns them to.
-///
-/// Implemented for [`virtio_core::Queue`]. A vhost-user handler, whose chains must go
-/// through the server's ring wrapper (inflight tracking), implements it with a newtype:
-///
-/// ```ignore
-/// struct VringRing<'a>(&'a mut Vring);
-/// impl RequestRing for VringRing<'_> {
-///     fn pop_into(&mut self, chain: &mut DescriptorChain) -> virtio_core::Result<bool> {
-///         self.0.pop_into(chain)
-///     }
-///     fn add_used_batch(&mut self, used: &[(u16, u32)]) -> virtio_core::Result<()> {
-///         self.0.add_used_batch(used)
-///     }
-/// }
-/// ```
-///
-/// Requests to resubmit after a backend restart (inflight area) can be fed the same
-/// way: a `pop_into` that yields the recovered chains first.
-pub trait RequestRing {
-    /// Pops the next available chain into `chain`; `Ok(false)` when there is none.
-    fn pop_into(&mut self, chain: &mut DescriptorChain) -> virtio_core::Result<bool>;
-    /// Returns chains `(id, used length)` to the driver, in this order, in one publish.
-    fn add_used_batch(&mut self, used: &[(u16, u32)]) -> virtio_core::Result<()>;
-}
-
-impl RequestRing for Queue {
-    fn pop_into(&mut self, chain: &mut DescriptorChain) -> virtio_core::Result<bool> {
-        Queue::pop_into(self, chain)
-    }
-
-    fn add_used_batch(&mut self, used: &[(u16, u32)]) -> virtio_core::Result<()> {
-        Queue::add_used_batch(self, used)
-    }
-}
 
 /// Errors that stop a queue (request failures are reported to the driver instead).
 #[derive(Debug, thiserror::Error)]
@@ -682,13 +644,9 @@ impl BlockQueue {
     /// that fail validation or complete at once (GET_ID, errors; every request with the
     /// synchronous engine) are returned to the driver before this returns, in one batch.
     ///
-    /// Returns true if chains were returned to the driver (the caller then decides
-    /// whether to signal it, e.g. with [`Queue::needs_notification`]). Notification
-    /// suppression is the caller's: see [`Self::handle_kick`] for a [`Queue`].
-    pub fn process_available<R: RequestRing + ?Sized>(
-        &mut self,
-        ring: &mut R,
-    ) -> Result<bool, QueueError> {
+    /// Returns true if chains were returned to the driver (the vhost-user worker then
+    /// signals it if its notification suppression asks for it).
+    pub fn process_available(&mut self, ring: &mut Vring) -> Result<bool, QueueError> {
         let mut returned = false;
         loop {
             let popped = self.pop_and_start(ring);
@@ -712,10 +670,7 @@ impl BlockQueue {
     /// further chunks or segments), writes the status of finished ones and returns them
     /// to the driver in one batch. If popping was throttled, pops again now that slots
     /// are free. Returns true if chains were returned to the driver.
-    pub fn process_completions<R: RequestRing + ?Sized>(
-        &mut self,
-        ring: &mut R,
-    ) -> Result<bool, QueueError> {
+    pub fn process_completions(&mut self, ring: &mut Vring) -> Result<bool, QueueError> {
         let completed = self.run_completions();
         let mut returned = self.publish(ring)?;
         completed.map_err(QueueError::Engine)?;
@@ -736,7 +691,7 @@ impl BlockQueue {
     /// in-flight count is 0 or its drain timeout passes. Nothing here waits, so the other
     /// queues of the same worker thread keep running. A draining processor is not
     /// restarted: a restarted ring gets a new one.
-    pub fn drain<R: RequestRing + ?Sized>(&mut self, ring: &mut R) -> Result<bool, QueueError> {
+    pub fn drain(&mut self, ring: &mut Vring) -> Result<bool, QueueError> {
         self.draining = true;
         self.throttled = false;
         let result = self.engine.submit().and_then(|()| self.run_completions());
@@ -748,41 +703,6 @@ impl BlockQueue {
     /// True once [`Self::drain`] was called: the processor takes no new chains.
     pub fn is_draining(&self) -> bool {
         self.draining
-    }
-
-    /// For a worker driving a [`Queue`] directly: handles a kick by processing
-    /// available requests with driver notifications disabled, then re-enabling them and
-    /// processing again if the driver raced with that (so no kick is lost). When
-    /// throttled, notifications stay disabled until [`Self::handle_completions`]
-    /// resumes. Returns true if the driver must be signalled (call eventfd).
-    pub fn handle_kick(&mut self, queue: &mut Queue) -> Result<bool, QueueError> {
-        let mut returned = false;
-        loop {
-            queue.disable_notification();
-            returned |= self.process_available(queue)?;
-            if self.is_throttled() {
-                break;
-            }
-            if !queue.enable_notification()? {
-                break;
-            }
-        }
-        Ok(returned && queue.needs_notification())
-    }
-
-    /// For a worker driving a [`Queue`] directly: [`Self::process_completions`], then
-    /// [`Self::handle_kick`] if popping was throttled. Returns true if the driver must be
-    /// signalled.
-    pub fn handle_completions(&mut self, queue: &mut Queue) -> Result<bool, QueueError> {
-        let was_throttled = self.throttled;
-        let completed = self.run_completions();
-        let returned = self.publish(queue)?;
-        completed.map_err(QueueError::Engine)?;
-        let mut notify = returned && queue.needs_notification();
-        if was_throttled && !self.free.is_empty() {
-            notify |= self.handle_kick(queue)?;
-        }
-        Ok(notify)
     }
 
     /// Drops the guest memory references held by idle slots (their chains keep the
@@ -797,7 +717,7 @@ impl BlockQueue {
         }
     }
 
-    fn pop_and_start<R: RequestRing + ?Sized>(&mut self, ring: &mut R) -> Result<(), QueueError> {
+    fn pop_and_start(&mut self, ring: &mut Vring) -> Result<(), QueueError> {
         self.throttled = false;
         if self.draining {
             return Ok(());
@@ -1042,7 +962,7 @@ impl BlockQueue {
     }
 
     /// Returns the completed requests to the driver. True if there were any.
-    fn publish<R: RequestRing + ?Sized>(&mut self, ring: &mut R) -> Result<bool, QueueError> {
+    fn publish(&mut self, ring: &mut Vring) -> Result<bool, QueueError> {
         if self.used.is_empty() {
             return Ok(false);
         }

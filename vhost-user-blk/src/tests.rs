@@ -20,6 +20,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_core::driver::{DriverBuffer, DriverQueue};
+use virtio_core::vhost_user::Vring;
 use virtio_core::{GuestMemoryView, Queue, RingLayout};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -140,7 +141,7 @@ struct Req {
 struct Harness {
     mem: GuestMemoryMmap<()>,
     driver: DriverQueue,
-    queue: Queue,
+    vring: Vring,
     bq: BlockQueue,
     backend: Arc<BlockBackend>,
     file: TempFile,
@@ -170,13 +171,13 @@ impl Harness {
         let driver = DriverQueue::new(layout, opts.queue_size, RING_BASE, true);
         driver.init(&mem).unwrap();
         let view = Arc::new(GuestMemoryView::new(Arc::new(mem.clone())).unwrap());
-        let queue = Queue::new(driver.config(true), view).unwrap();
+        let vring = Vring::standalone(0, Queue::new(driver.config(true), view).unwrap());
         let bq = BlockQueue::new(Arc::clone(&backend), opts.queue_size, engine).unwrap();
         assert_eq!(bq.engine_kind(), engine);
         Harness {
             mem,
             driver,
-            queue,
+            vring,
             bq,
             backend,
             file,
@@ -300,7 +301,7 @@ impl Harness {
     /// Returns the used elements in the order the device returned them.
     fn run(&mut self) -> Vec<(u16, u32)> {
         let mut used = Vec::new();
-        self.bq.handle_kick(&mut self.queue).unwrap();
+        self.bq.process_available(&mut self.vring).unwrap();
         loop {
             while let Some(u) = self.driver.pop_used(&self.mem).unwrap() {
                 used.push(u);
@@ -309,7 +310,7 @@ impl Harness {
                 break;
             }
             self.wait_completion_fd();
-            self.bq.handle_completions(&mut self.queue).unwrap();
+            self.bq.process_completions(&mut self.vring).unwrap();
         }
         assert_eq!(self.bq.in_flight(), 0);
         self.next = DATA_BASE;
@@ -786,12 +787,12 @@ fn out_of_order_completions() {
         }
         h.bq.sync_engine().unwrap().hold = true;
         let reqs: Vec<Req> = (0..4u64).map(|i| h.read(i * 8, &[4096], false)).collect();
-        h.bq.handle_kick(&mut h.queue).unwrap();
+        h.bq.process_available(&mut h.vring).unwrap();
         assert_eq!(h.bq.in_flight(), 4);
         assert_eq!(h.driver.pop_used(&h.mem).unwrap(), None);
         // Completions come back newest first.
         h.bq.sync_engine().unwrap().release(true);
-        h.bq.handle_completions(&mut h.queue).unwrap();
+        h.bq.process_completions(&mut h.vring).unwrap();
         let mut used = Vec::new();
         while let Some(u) = h.driver.pop_used(&h.mem).unwrap() {
             used.push(u);
@@ -860,11 +861,11 @@ fn full_queue_in_flight_and_drain() {
         let reqs: Vec<Req> = (0..16u64)
             .map(|i| h.write(i * 8, &[&pattern(4096, i as u8)], true))
             .collect();
-        h.bq.handle_kick(&mut h.queue).unwrap();
+        h.bq.process_available(&mut h.vring).unwrap();
         if engine == EngineKind::Sync {
             assert_eq!(h.bq.in_flight(), 16);
         }
-        h.bq.drain(&mut h.queue).unwrap();
+        h.bq.drain(&mut h.vring).unwrap();
         if engine == EngineKind::Sync {
             // drain does not wait: the held completions are still in flight.
             assert_eq!(h.bq.in_flight(), 16);
@@ -872,7 +873,7 @@ fn full_queue_in_flight_and_drain() {
         }
         while h.bq.in_flight() > 0 {
             h.wait_completion_fd();
-            h.bq.process_completions(&mut h.queue).unwrap();
+            h.bq.process_completions(&mut h.vring).unwrap();
         }
         let mut n = 0;
         while h.driver.pop_used(&h.mem).unwrap().is_some() {
@@ -895,16 +896,16 @@ fn drain_returns_with_io_in_flight() {
         let mut h = Harness::new(layout, EngineKind::Sync, &Opts::default());
         h.bq.sync_engine().unwrap().hold = true;
         let reqs: Vec<Req> = (0..4u64).map(|i| h.read(i * 8, &[4096], false)).collect();
-        h.bq.handle_kick(&mut h.queue).unwrap();
+        h.bq.process_available(&mut h.vring).unwrap();
         assert_eq!(h.bq.in_flight(), 4);
         // Returns at once, with the four requests still in flight and none returned.
-        assert!(!h.bq.drain(&mut h.queue).unwrap());
+        assert!(!h.bq.drain(&mut h.vring).unwrap());
         assert!(h.bq.is_draining());
         assert_eq!(h.bq.in_flight(), 4);
         assert_eq!(h.driver.pop_used(&h.mem).unwrap(), None);
         // They complete through process_completions, as the worker delivers them.
         h.bq.sync_engine().unwrap().release(false);
-        assert!(h.bq.process_completions(&mut h.queue).unwrap());
+        assert!(h.bq.process_completions(&mut h.vring).unwrap());
         assert_eq!(h.bq.in_flight(), 0);
         let used: Vec<(u16, u32)> =
             std::iter::from_fn(|| h.driver.pop_used(&h.mem).unwrap()).collect();
@@ -929,16 +930,16 @@ fn draining_queue_pops_no_new_chains() {
         for i in 0..5u64 {
             h.read(i * 8, &[4096], false);
         }
-        h.bq.handle_kick(&mut h.queue).unwrap();
+        h.bq.process_available(&mut h.vring).unwrap();
         assert!(h.bq.is_throttled());
         assert_eq!(h.bq.in_flight(), 2);
-        h.bq.drain(&mut h.queue).unwrap();
+        h.bq.drain(&mut h.vring).unwrap();
         // Slots freed by completions after drain are not refilled from the ring...
         h.bq.sync_engine().unwrap().release(false);
-        h.bq.process_completions(&mut h.queue).unwrap();
+        h.bq.process_completions(&mut h.vring).unwrap();
         assert_eq!(h.bq.in_flight(), 0);
         // ...nor by a kick.
-        h.bq.handle_kick(&mut h.queue).unwrap();
+        h.bq.process_available(&mut h.vring).unwrap();
         assert_eq!(h.bq.in_flight(), 0);
         let used = std::iter::from_fn(|| h.driver.pop_used(&h.mem).unwrap()).count();
         assert_eq!(used, 2);
@@ -1187,13 +1188,13 @@ fn throttled_when_slots_run_out_and_resumed_by_completions() {
         let reqs: Vec<Req> = (0..10u64)
             .map(|i| h.write(i * 8, &[&pattern(4096, i as u8)], true))
             .collect();
-        h.bq.handle_kick(&mut h.queue).unwrap();
+        h.bq.process_available(&mut h.vring).unwrap();
         assert!(h.bq.is_throttled());
         assert_eq!(h.bq.in_flight(), 4);
         let mut done = 0;
         while done < 10 {
             h.bq.sync_engine().unwrap().release(false);
-            h.bq.handle_completions(&mut h.queue).unwrap();
+            h.bq.process_completions(&mut h.vring).unwrap();
             while h.driver.pop_used(&h.mem).unwrap().is_some() {
                 done += 1;
             }
@@ -1225,7 +1226,7 @@ fn fewer_slots_than_ring_entries_never_stalls() {
         let reqs: Vec<Req> = (0..12u64).map(|i| h.read(i * 8, &[4096], true)).collect();
         let used = if engine == EngineKind::Sync {
             // The synchronous engine has no completion event: one kick does it all.
-            h.bq.handle_kick(&mut h.queue).unwrap();
+            h.bq.process_available(&mut h.vring).unwrap();
             std::iter::from_fn(|| h.driver.pop_used(&h.mem).unwrap()).collect()
         } else {
             h.run()
@@ -1238,28 +1239,6 @@ fn fewer_slots_than_ring_entries_never_stalls() {
     });
 }
 
-#[test]
-fn generic_ring_interface() {
-    // The ring-agnostic entry points, as a vhost-user handler uses them.
-    for engine in engines() {
-        let mut h = Harness::new(RingLayout::Split, engine, &Opts::default());
-        let w = h.write(0, &[&pattern(4096, 3)], false);
-        let ring: &mut dyn crate::RequestRing = &mut h.queue;
-        let mut returned = h.bq.process_available(ring).unwrap();
-        while h.bq.in_flight() > 0 {
-            h.wait_completion_fd();
-            returned |= h.bq.process_completions(&mut h.queue).unwrap();
-        }
-        assert!(returned);
-        assert_eq!(h.driver.pop_used(&h.mem).unwrap(), Some((w.id, 1)));
-        assert_eq!(h.status(&w), STATUS_OK);
-        // drain with nothing in flight returns nothing.
-        assert!(!h.bq.drain(&mut h.queue).unwrap());
-    }
-}
-
-/// Runs against a scratch block device named by `VUBLK_TEST_BLOCK_DEVICE` (its
-/// contents are destroyed), e.g. a loop device: `losetup -f -b 4096 --show img`.
 #[test]
 fn block_device_backend() {
     let Ok(dev) = std::env::var("VUBLK_TEST_BLOCK_DEVICE") else {

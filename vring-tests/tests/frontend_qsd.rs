@@ -298,7 +298,7 @@ mod ramdisk {
     use std::sync::{Arc, Mutex};
 
     use virtio_core::vhost_user::{
-        Device, DeviceError, Processed, ProtocolFeatures, QueueContext, QueueHandler, Vring,
+        Device, DeviceError, GroupContext, GroupInfo, Processed, ProtocolFeatures, QueueHandler,
     };
     use virtio_core::DescriptorChain;
     use vring_tests::frontend::blk::{
@@ -362,7 +362,7 @@ mod ramdisk {
             Ok(())
         }
 
-        fn start_queue(&self, _ctx: &QueueContext) -> Result<Handler, DeviceError> {
+        fn start_group(&self, _group: &GroupInfo) -> Result<Handler, DeviceError> {
             Ok(Handler {
                 data: self.data.clone(),
                 chain: DescriptorChain::new(),
@@ -371,7 +371,14 @@ mod ramdisk {
     }
 
     impl QueueHandler for Handler {
-        fn process(&mut self, vring: &mut Vring) -> Result<Processed, DeviceError> {
+        fn process(
+            &mut self,
+            ctx: &mut GroupContext<'_>,
+            queue: u16,
+        ) -> Result<Processed, DeviceError> {
+            let Some(vring) = ctx.vring(queue) else {
+                return Ok(Processed::Empty);
+            };
             while vring.pop_into(&mut self.chain)? {
                 let mut r = self.chain.reader();
                 let mut hdr = [0u8; 16];

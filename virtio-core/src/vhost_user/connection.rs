@@ -13,7 +13,7 @@ use vhost::vhost_user::message::{
 use vm_memory::ByteValued;
 
 use super::backend_channel::{self, ChannelSlot};
-use super::device::{packed_slot_flags, Device, ProtocolFeatures, QueueContext, Vring};
+use super::device::{packed_slot_flags, Device, GroupInfo, ProtocolFeatures, QueueContext, Vring};
 use super::error::{Error, Result};
 use super::inflight::{InflightArea, PackedTracker, SplitTracker, Tracker};
 use super::memory::{MappedRegion, MemoryTable, RegionDesc, MAX_MEM_SLOTS};
@@ -39,7 +39,10 @@ pub(crate) fn base_protocol_features() -> ProtocolFeatures {
 
 /// Protocol features a device may add.
 fn optional_protocol_features() -> ProtocolFeatures {
-    ProtocolFeatures::CONFIG | ProtocolFeatures::INFLIGHT_SHMFD
+    ProtocolFeatures::CONFIG
+        | ProtocolFeatures::INFLIGHT_SHMFD
+        | ProtocolFeatures::RARP
+        | ProtocolFeatures::MTU
 }
 
 const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
@@ -174,7 +177,11 @@ pub(crate) struct Connection<'a, D: Device> {
     memory: Option<MemoryTable>,
     inflight: Option<InflightArea>,
     queues: Vec<QueueSlot>,
-    workers: Vec<Option<WorkerHandle<D::Handler>>>,
+    workers: Vec<Option<WorkerHandle>>,
+    /// Each queue's (group, slot in the group).
+    queue_slots: Vec<(usize, usize)>,
+    /// Each group's queues, in increasing order.
+    groups: Vec<Vec<u16>>,
     /// Workers that missed a control-reply deadline: joined with a short bound.
     stuck_workers: Vec<bool>,
     needs_reset: Arc<AtomicBool>,
@@ -195,11 +202,32 @@ impl<'a, D: Device> Connection<'a, D> {
         let max_queue_size = device.max_queue_size().min(MAX_QUEUE_SIZE);
         let protocol =
             base_protocol_features() | (device.protocol_features() & optional_protocol_features());
-        let group = config.queues_per_thread.max(1);
+        let per_thread = config.queues_per_thread.max(1);
         let mut queues = Vec::with_capacity(usize::from(num_queues));
         queues.resize_with(usize::from(num_queues), QueueSlot::default);
+        // The device's grouping, or the server's: queue / queues_per_thread. Group numbers
+        // are compacted in order of first appearance.
+        let mut group_ids: Vec<u32> = Vec::new();
+        let mut groups: Vec<Vec<u16>> = Vec::new();
+        let mut queue_slots = Vec::with_capacity(usize::from(num_queues));
+        for q in 0..num_queues {
+            let id = device.queue_group(q).map_or_else(
+                || u32::try_from(usize::from(q) / per_thread).unwrap_or(u32::MAX),
+                u32::from,
+            );
+            let g = match group_ids.iter().position(|&x| x == id) {
+                Some(g) => g,
+                None => {
+                    group_ids.push(id);
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                }
+            };
+            queue_slots.push((g, groups[g].len()));
+            groups[g].push(q);
+        }
         let mut workers = Vec::new();
-        workers.resize_with(usize::from(num_queues).div_ceil(group), || None);
+        workers.resize_with(groups.len(), || None);
         let stuck_workers = vec![false; workers.len()];
         let alarm =
             Arc::new(
@@ -225,6 +253,8 @@ impl<'a, D: Device> Connection<'a, D> {
             inflight: None,
             queues,
             workers,
+            queue_slots,
+            groups,
             stuck_workers,
             needs_reset: Arc::new(AtomicBool::new(false)),
             alarm,
@@ -673,6 +703,26 @@ impl<'a, D: Device> Connection<'a, D> {
                 }
                 Ok(Reply::Ack)
             }
+            req::SEND_RARP => {
+                self.require_protocol(ProtocolFeatures::RARP, code, "RARP")?;
+                let v = msg.body::<VhostUserU64>(name)?.value;
+                // vhost-user.rst: the MAC address in the first 6 bytes of the u64.
+                let b = v.to_le_bytes();
+                let mac = [b[0], b[1], b[2], b[3], b[4], b[5]];
+                self.device.send_rarp(mac).map_err(Error::Device)?;
+                Ok(Reply::Ack)
+            }
+            req::NET_SET_MTU => {
+                self.require_protocol(ProtocolFeatures::MTU, code, "NET_MTU")?;
+                let v = msg.body::<VhostUserU64>(name)?.value;
+                let mtu = u16::try_from(v).map_err(|_| {
+                    Error::Device(super::error::DeviceError::Other(format!(
+                        "MTU {v} does not fit 16 bits"
+                    )))
+                })?;
+                self.device.set_mtu(mtu).map_err(Error::Device)?;
+                Ok(Reply::Ack)
+            }
             req::GET_CONFIG => {
                 self.require_protocol(ProtocolFeatures::CONFIG, code, "CONFIG")?;
                 let (hdr, data) = Self::config_payload(msg, name)?;
@@ -911,11 +961,13 @@ impl<'a, D: Device> Connection<'a, D> {
     }
 
     fn worker_of(&self, i: u16) -> (usize, usize) {
-        let group = self.config.queues_per_thread.max(1);
-        (usize::from(i) / group, usize::from(i) % group)
+        self.queue_slots
+            .get(usize::from(i))
+            .copied()
+            .unwrap_or((usize::MAX, 0))
     }
 
-    fn send_to_worker(&self, i: u16, cmd: impl FnOnce(usize) -> Command<D::Handler>) -> Result<()> {
+    fn send_to_worker(&self, i: u16, cmd: impl FnOnce(usize) -> Command) -> Result<()> {
         let (w, slot) = self.worker_of(i);
         match self.workers.get(w) {
             Some(Some(h)) => h.send(cmd(slot)),
@@ -1037,7 +1089,6 @@ impl<'a, D: Device> Connection<'a, D> {
             features: self.acked_features & !VHOST_USER_F_PROTOCOL_FEATURES,
             memory: view,
         };
-        let handler = self.device.start_queue(&ctx).map_err(Error::Device)?;
         let base = queue.vring_base();
         let mut vring = Vring::new(i, queue, enabled);
         let _ = vring.set_call(clone_file(&slot.call, "duplicating a call eventfd")?);
@@ -1052,9 +1103,21 @@ impl<'a, D: Device> Connection<'a, D> {
             })?;
 
         let (w, _) = self.worker_of(i);
+        let Some(group_queues) = self.groups.get(w).cloned() else {
+            return Err(Error::WorkerGone(w));
+        };
         if self.workers[w].is_none() {
-            let group = self.config.queues_per_thread.max(1);
-            let name = format!("{}-q{}", self.config.thread_name, w * group);
+            let info = GroupInfo {
+                group: u16::try_from(w).unwrap_or(u16::MAX),
+                queues: group_queues.clone(),
+                features: self.acked_features & !VHOST_USER_F_PROTOCOL_FEATURES,
+            };
+            let handler = self.device.start_group(&info).map_err(Error::Device)?;
+            let name = format!(
+                "{}-q{}",
+                self.config.thread_name,
+                group_queues.first().copied().unwrap_or(0)
+            );
             let settings = WorkerSettings {
                 poll: super::poll::PollPolicy::from_config(
                     self.config.poll_us,
@@ -1065,7 +1128,8 @@ impl<'a, D: Device> Connection<'a, D> {
             self.workers[w] = Some(WorkerHandle::spawn(
                 w,
                 name,
-                group,
+                group_queues.len(),
+                handler,
                 settings,
                 self.needs_reset.clone(),
                 self.alarm.clone(),
@@ -1076,8 +1140,8 @@ impl<'a, D: Device> Connection<'a, D> {
             slot,
             queue: Box::new(ActiveQueue {
                 vring,
-                handler,
                 kick,
+                context: ctx,
             }),
             reply: tx,
         })?;

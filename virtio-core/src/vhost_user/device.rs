@@ -1,5 +1,7 @@
-//! What a daemon implements: a [`Device`] (features, queues, config space, reset) that
-//! creates one [`QueueHandler`] per started queue, which processes its [`Vring`].
+//! What a daemon implements: a [`Device`] (features, queues, config space, reset, how
+//! queues group onto worker threads) that creates one [`QueueHandler`] per group of
+//! queues, which processes the group's [`Vring`]s and its own event sources through a
+//! [`GroupContext`].
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -7,6 +9,7 @@ use std::sync::Arc;
 use super::error::DeviceError;
 use super::inflight::{InflightRequest, Tracker};
 use super::notify_fd::NotifyFd;
+pub use super::worker::GroupContext;
 use crate::chain::DescriptorChain;
 use crate::desc::PackedDescriptor;
 use crate::memory::GuestMemoryView;
@@ -30,63 +33,157 @@ pub struct QueueContext {
     pub memory: Arc<GuestMemoryView>,
 }
 
+/// What the server tells a device about a group of queues whose handler it creates.
+#[derive(Clone, Debug)]
+pub struct GroupInfo {
+    /// The group's number (see [`Device::queue_group`]).
+    pub group: u16,
+    /// The queues of the group, in increasing order.
+    pub queues: Vec<u16>,
+    /// The virtio features the frontend acked (without VHOST_USER_F_PROTOCOL_FEATURES).
+    pub features: u64,
+}
+
 /// How far [`QueueHandler::process`] got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Processed {
     /// The ring is empty: [`Vring::pop_into`] returned `false`. The worker re-enables
     /// notifications (re-checking the ring) and sleeps until the next kick.
     Empty,
-    /// The handler stopped with buffers possibly left in the ring because it is out of
-    /// resources (e.g. its submission queue is full, or a net RX queue has no packet to
-    /// deliver). The worker leaves notifications off and calls `process` again after the
-    /// handler's next event (or the next kick).
+    /// The handler stopped with buffers possibly left in the ring (on purpose: it is out
+    /// of resources, e.g. its submission queue is full, or a net RX queue has no packet
+    /// to deliver). The worker leaves notifications off and does not call `process`
+    /// for this queue on kicks; the handler resumes it from one of its events
+    /// ([`GroupContext::schedule`]), or a kick after [`GroupContext::wait_for_buffers`].
     Throttled,
 }
 
-/// The per-queue half of a device: created by [`Device::start_queue`] when a ring starts,
-/// owned by that queue's worker thread, dropped when the ring stops. It owns its own
-/// resources (an io_uring, a tap queue, buffers), so queues share no lock on the hot path.
+/// What a handler's event source is watched for ([`GroupContext::register`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Interest {
+    /// Wake up when the fd is readable.
+    pub readable: bool,
+    /// Wake up when the fd is writable (e.g. a TAP that refused a frame with EAGAIN).
+    pub writable: bool,
+    /// Edge-triggered: wake up when readiness appears, not while it lasts (the handler
+    /// must then consume everything, until EAGAIN).
+    pub edge: bool,
+}
+
+impl Interest {
+    /// Level-triggered, readable.
+    pub const READABLE: Interest = Interest {
+        readable: true,
+        writable: false,
+        edge: false,
+    };
+    /// Level-triggered, writable.
+    pub const WRITABLE: Interest = Interest {
+        readable: false,
+        writable: true,
+        edge: false,
+    };
+    /// Nothing: the fd stays registered (hang-up and error are still reported) but
+    /// wakes nobody. Pauses a source, e.g. a TAP while its RX ring has no buffers.
+    pub const PAUSED: Interest = Interest {
+        readable: false,
+        writable: false,
+        edge: false,
+    };
+
+    /// The same, edge-triggered.
+    pub const fn edge(self) -> Interest {
+        Interest { edge: true, ..self }
+    }
+
+    /// The same, plus writable.
+    pub const fn and_writable(self) -> Interest {
+        Interest {
+            writable: true,
+            ..self
+        }
+    }
+}
+
+/// What happened on a handler's event source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Events {
+    /// Readable.
+    pub readable: bool,
+    /// Writable.
+    pub writable: bool,
+    /// The peer hung up (EPOLLHUP / EPOLLRDHUP).
+    pub hangup: bool,
+    /// An error is pending on the fd (EPOLLERR).
+    pub error: bool,
+}
+
+/// The handler of a group of queues (one worker thread): created by
+/// [`Device::start_group`] when the group's first queue starts, owned by the group's
+/// worker thread, dropped when the connection ends or the device is reset. It owns its
+/// resources (an io_uring per block queue, a TAP queue, console clients), so groups share
+/// no lock on the hot path.
+///
+/// Every call gets a [`GroupContext`]: the group's running [`Vring`]s, the handler's
+/// event sources (registered, paused, resumed and removed at run time, readable and/or
+/// writable, level- or edge-triggered), and the worker's scheduling.
+///
+/// An error from [`Self::process`] or [`Self::drain`] breaks that queue; one from
+/// [`Self::handle_event`] or [`Self::queue_started`] breaks the queues of the group:
+/// the worker logs it, stops processing them, signals their error eventfds and reports
+/// DEVICE_NEEDS_RESET through GET_STATUS. Other groups keep running.
 pub trait QueueHandler: Send + 'static {
-    /// File descriptors of the handler's own event sources (an io_uring completion eventfd,
-    /// a tap fd, ...). Called once when the queue starts; the worker adds each to its epoll
-    /// set (level-triggered, readable) and calls [`Self::handle_event`] with its position
-    /// in this list when it becomes readable. The handler keeps them open while it lives,
-    /// and `handle_event` must consume the readiness (e.g. read the eventfd), or the
-    /// worker is woken again at once.
-    fn event_fds(&self) -> Vec<RawFd> {
-        Vec::new()
-    }
-
-    /// New buffers may be available (kick, busy poll, or the ring was just enabled): pop
-    /// chains with [`Vring::pop_into`] and process or submit them. Return
-    /// [`Processed::Empty`] once `pop_into` returned `false`.
-    ///
-    /// An error breaks the queue: the worker logs it, stops processing this queue, signals
-    /// its error eventfd and reports DEVICE_NEEDS_RESET through GET_STATUS. Other queues
-    /// keep running.
-    fn process(&mut self, vring: &mut Vring) -> Result<Processed, DeviceError>;
-
-    /// Event source `fd_index` of [`Self::event_fds`] is readable: reap completions and
-    /// return their chains with [`Vring::add_used`]. The worker signals the driver
-    /// afterwards if needed.
-    fn handle_event(&mut self, fd_index: usize, vring: &mut Vring) -> Result<(), DeviceError> {
-        let _ = (fd_index, vring);
+    /// Queue `queue.index` of the group started; its vring is reachable through
+    /// `ctx.vring`. Set up per-queue resources here (and register their fds).
+    fn queue_started(
+        &mut self,
+        ctx: &mut GroupContext<'_>,
+        queue: &QueueContext,
+    ) -> Result<(), DeviceError> {
+        let _ = (ctx, queue);
         Ok(())
     }
 
-    /// The ring is being stopped (GET_VRING_BASE, reset or disconnect): take no new chains
-    /// and finish the ones in flight. Requests already submitted may complete later: the
-    /// worker keeps delivering [`Self::handle_event`] until every chain this backend
-    /// popped (or resubmitted) is returned (or the server's drain timeout passes), then
-    /// reports the ring base and drops the handler. Chains a restored ring base counts in
-    /// flight but nobody popped are not waited for. Chains held without pending I/O (e.g. RX buffers waiting for data) must
-    /// be returned here, with a used length of 0.
-    fn drain(&mut self, vring: &mut Vring) -> Result<(), DeviceError> {
-        let _ = vring;
+    /// New buffers may be available on `queue` (kick, busy poll, the ring was just
+    /// enabled, or [`GroupContext::schedule`]): pop chains with [`Vring::pop_into`] and
+    /// process or submit them. Return [`Processed::Empty`] once `pop_into` returned
+    /// `false`, or [`Processed::Throttled`] to leave buffers in the ring.
+    fn process(&mut self, ctx: &mut GroupContext<'_>, queue: u16)
+        -> Result<Processed, DeviceError>;
+
+    /// Event source `token` ([`GroupContext::register`]) is ready. Consume the readiness
+    /// (read the eventfd, read the TAP until EAGAIN with edge triggering) or the worker
+    /// is woken again at once. After a hang-up or error the worker removes the source
+    /// unless the handler did. The worker signals the drivers afterwards if needed.
+    fn handle_event(
+        &mut self,
+        ctx: &mut GroupContext<'_>,
+        token: u32,
+        events: Events,
+    ) -> Result<(), DeviceError> {
+        let _ = (ctx, token, events);
         Ok(())
     }
 
-    /// The frontend changed the memory table. The vring already uses `memory` for new
+    /// `queue` is being stopped (GET_VRING_BASE, reset or disconnect): take no new chains
+    /// from it and finish the ones in flight. Requests already submitted may complete
+    /// later: the worker keeps delivering [`Self::handle_event`] until every chain this
+    /// backend popped (or resubmitted) from it is returned (or the server's drain timeout
+    /// passes), then reports the ring base and calls [`Self::queue_stopped`]. Chains a
+    /// restored ring base counts in flight but nobody popped are not waited for. Chains
+    /// held without pending I/O (e.g. RX buffers waiting for data) must be returned here,
+    /// with a used length of 0.
+    fn drain(&mut self, ctx: &mut GroupContext<'_>, queue: u16) -> Result<(), DeviceError> {
+        let _ = (ctx, queue);
+        Ok(())
+    }
+
+    /// `queue` stopped: its vring is gone. Release its per-queue resources.
+    fn queue_stopped(&mut self, ctx: &mut GroupContext<'_>, queue: u16) {
+        let _ = (ctx, queue);
+    }
+
+    /// The frontend changed the memory table. The vrings already use `memory` for new
     /// chains; chains popped earlier keep the view they were translated with alive. Use
     /// this to refresh anything derived from guest memory (e.g. registered buffers).
     fn memory_changed(&mut self, memory: &Arc<GuestMemoryView>) {
@@ -143,9 +240,34 @@ pub trait Device: Send + Sync + 'static {
         })
     }
 
-    /// Creates the handler of a queue that is starting. Called on the connection thread;
-    /// the handler then moves to the queue's worker thread.
-    fn start_queue(&self, ctx: &QueueContext) -> Result<Self::Handler, DeviceError>;
+    /// The group (worker thread) of queue `queue`: queues of one group share one
+    /// [`QueueHandler`] and one thread, e.g. a network queue pair or every queue of a
+    /// console. `None` (the default): the server's [`super::ServerConfig::queues_per_thread`]
+    /// decides (`queue / queues_per_thread`). Called once per connection for each queue.
+    fn queue_group(&self, queue: u16) -> Option<u16> {
+        let _ = queue;
+        None
+    }
+
+    /// Creates the handler of a group whose first queue is starting. Called on the
+    /// connection thread; the handler then moves to the group's worker thread, where
+    /// [`QueueHandler::queue_started`] follows for each queue that starts.
+    fn start_group(&self, group: &GroupInfo) -> Result<Self::Handler, DeviceError>;
+
+    /// VHOST_USER_SEND_RARP (protocol feature RARP, after a live migration): broadcast a
+    /// RARP or gratuitous ARP for `mac` so switches learn the guest's new location. The
+    /// default refuses it.
+    fn send_rarp(&self, mac: [u8; 6]) -> Result<(), DeviceError> {
+        let _ = mac;
+        Err(DeviceError::Unsupported("SEND_RARP"))
+    }
+
+    /// VHOST_USER_NET_SET_MTU (protocol feature NET_MTU): the frontend's MTU for the
+    /// device. The default refuses it.
+    fn set_mtu(&self, mtu: u16) -> Result<(), DeviceError> {
+        let _ = mtu;
+        Err(DeviceError::Unsupported("NET_SET_MTU"))
+    }
 
     /// Returns the device to its initial state: called after RESET_DEVICE and when the
     /// frontend disconnects, once every queue has stopped and its handler was dropped.
@@ -192,6 +314,13 @@ impl std::fmt::Debug for Vring {
 }
 
 impl Vring {
+    /// A vring outside a vhost-user server, for a device embedded in another program or
+    /// driven by tests: queue `index`, enabled, no call or error eventfd (signal the
+    /// driver yourself after [`Queue::needs_notification`]), no inflight tracking.
+    pub fn standalone(index: u16, queue: Queue) -> Self {
+        Self::new(index, queue, true)
+    }
+
     pub(crate) fn new(index: u16, queue: Queue, enabled: bool) -> Self {
         Vring {
             index,

@@ -226,6 +226,9 @@ pub enum DeviceError {
     /// Features the device cannot work with.
     #[error("features {0:#x} are not acceptable to the device")]
     Features(u64),
+    /// A request the device does not implement.
+    #[error("the device does not support {0}")]
+    Unsupported(&'static str),
     /// Anything else, described.
     #[error("{0}")]
     Other(String),

@@ -1,25 +1,32 @@
 //! The device side of vhost-user (QEMU `docs/interop/vhost-user.rst`).
 //!
 //! All protocol mechanics live here; a daemon implements [`Device`] (features, queues,
-//! config space, reset) and [`QueueHandler`] (what one queue does with its chains), and
-//! runs a [`Server`]:
+//! config space, reset, how queues group onto threads) and [`QueueHandler`] (what one
+//! group of queues does with its chains and its own event sources), and runs a
+//! [`Server`]:
 //!
 //! - the **server** listens on a unix socket (or an inherited `--fd`), serves one
 //!   frontend at a time, and when it disconnects stops the queues, unmaps guest memory,
 //!   resets the device and accepts the next frontend on the same socket;
 //! - the **connection** implements the requests: features and protocol features (MQ,
 //!   REPLY_ACK, CONFIG, BACKEND_REQ/BACKEND_SEND_FD, INFLIGHT_SHMFD, RESET_DEVICE,
-//!   CONFIGURE_MEM_SLOTS, STATUS), the memory table (SET_MEM_TABLE, ADD/REM_MEM_REG), the
-//!   vring messages, config space, inflight areas and device status; bad requests are
-//!   logged and refused (REPLY_ACK failure, or closing the connection where the frontend
-//!   waits for a reply body that cannot carry a failure), never a panic;
-//! - a **worker** thread per queue (or per group of queues, [`ServerConfig`]) owns the
-//!   queue's [`Vring`] and handler, and waits in its own epoll set on the kick eventfd,
-//!   the handler's event fds and a command eventfd. It re-enables notifications with the
-//!   re-check that closes the lost-wake-up race, optionally busy-polls, and signals the
-//!   call eventfd only when the driver's notification suppression asks for it;
+//!   CONFIGURE_MEM_SLOTS, STATUS, and RARP / NET_MTU for devices that take them), the
+//!   memory table (SET_MEM_TABLE, ADD/REM_MEM_REG), the vring messages, config space,
+//!   inflight areas and device status; bad requests are logged and refused (REPLY_ACK
+//!   failure, or closing the connection where the frontend waits for a reply body that
+//!   cannot carry a failure), never a panic;
+//! - a **worker** thread per group of queues ([`Device::queue_group`]; by default
+//!   [`ServerConfig::queues_per_thread`]) owns the group's [`Vring`]s and its
+//!   [`QueueHandler`], and waits in its own epoll set on the kick eventfds, the
+//!   handler's event sources (registered, paused, resumed and removed at run time through
+//!   the [`GroupContext`], readable or writable, level- or edge-triggered) and a command
+//!   eventfd. It re-enables notifications with the re-check that closes the
+//!   lost-wake-up race, busy-polls for a learned window, and signals the call eventfd
+//!   only when the driver's notification suppression asks for it;
 //! - **inflight tracking** records popped chains in the shared area of
-//!   `GET_INFLIGHT_FD`/`SET_INFLIGHT_FD`, in the documented split and packed formats.
+//!   `GET_INFLIGHT_FD`/`SET_INFLIGHT_FD`, in the documented split and packed formats,
+//!   and a restarted backend hands the chains its predecessor left in flight to the
+//!   handler through the ordinary [`Vring::pop_into`];
 //! - **hostile frontends** cannot stop the daemon: kick, call and error fds are made
 //!   non-blocking when received (`notify_fd`), an fd that hangs up breaks its queue
 //!   instead of spinning the worker, every wait of a connection on its workers is bounded
@@ -27,77 +34,53 @@
 //!   connection closed instead of the daemon killed by SIGBUS (`sigbus`: the server
 //!   installs a process-wide SIGBUS handler, chaining to the previous one).
 //!
-//! A block daemon, sketched (completions through io_uring, one ring per queue):
+//! A device that echoes each chain's readable bytes into its writable buffers, served to
+//! a frontend over a socketpair (a real daemon uses [`BackendArgs`] for `--socket-path`
+//! and friends):
 //!
-//! ```no_run
-//! use std::os::fd::RawFd;
+//! ```
+//! use std::io::{Read, Write};
+//! use std::os::unix::net::UnixStream;
 //! use std::sync::Arc;
 //! use virtio_core::vhost_user::*;
 //! use virtio_core::DescriptorChain;
 //!
-//! struct Blk { capacity_sectors: std::sync::atomic::AtomicU64 }
-//! struct BlkQueue { chains: Vec<DescriptorChain>, free: Vec<u16>, completion_fd: RawFd }
+//! struct Echo;
+//! struct EchoQueues {
+//!     chain: DescriptorChain,
+//! }
 //!
-//! impl QueueHandler for BlkQueue {
-//!     fn event_fds(&self) -> Vec<RawFd> {
-//!         vec![self.completion_fd] // the io_uring's registered eventfd
-//!     }
-//!     fn process(&mut self, vring: &mut Vring) -> Result<Processed, DeviceError> {
-//!         while let Some(slot) = self.free.pop() {
-//!             let chain = &mut self.chains[usize::from(slot)];
-//!             if !vring.pop_into(chain)? {
-//!                 self.free.push(slot);
-//!                 return Ok(Processed::Empty);
-//!             }
-//!             // parse the virtio-blk header with chain.reader(), submit readv/writev on
-//!             // chain.writable_iovecs()/readable_iovecs() with user_data = slot
+//! impl QueueHandler for EchoQueues {
+//!     fn process(&mut self, ctx: &mut GroupContext<'_>, queue: u16) -> Result<Processed, DeviceError> {
+//!         let Some(vring) = ctx.vring(queue) else { return Ok(Processed::Empty) };
+//!         while vring.pop_into(&mut self.chain)? {
+//!             let mut data = Vec::new();
+//!             self.chain.reader().read_to_end(&mut data)?;
+//!             let n = self.chain.writer().write(&data)?;
+//!             vring.add_used(self.chain.id(), n as u32)?;
 //!         }
-//!         Ok(Processed::Throttled) // out of request slots: wait for completions
-//!     }
-//!     fn handle_event(&mut self, _fd: usize, vring: &mut Vring) -> Result<(), DeviceError> {
-//!         // for each CQE: write the status byte, then
-//!         // vring.add_used(self.chains[slot].id(), written)?; self.free.push(slot);
-//!         # let _ = vring;
-//!         Ok(())
-//!     }
-//!     fn drain(&mut self, _vring: &mut Vring) -> Result<(), DeviceError> {
-//!         Ok(()) // submitted I/O completes through handle_event
+//!         Ok(Processed::Empty)
 //!     }
 //! }
 //!
-//! impl Device for Blk {
-//!     type Handler = BlkQueue;
+//! impl Device for Echo {
+//!     type Handler = EchoQueues;
 //!     fn features(&self) -> u64 { 1 << 32 /* VERSION_1 */ | 1 << 34 /* RING_PACKED */ }
-//!     fn protocol_features(&self) -> ProtocolFeatures {
-//!         ProtocolFeatures::CONFIG | ProtocolFeatures::INFLIGHT_SHMFD
-//!     }
-//!     fn num_queues(&self) -> u16 { 4 }
-//!     fn max_queue_size(&self) -> u16 { 1024 }
-//!     fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<(), DeviceError> {
-//!         # let _ = (offset, buf);
-//!         Ok(()) // copy from struct virtio_blk_config
-//!     }
-//!     fn start_queue(&self, ctx: &QueueContext) -> Result<BlkQueue, DeviceError> {
-//!         let n = ctx.size;
-//!         Ok(BlkQueue {
-//!             chains: (0..n).map(|_| DescriptorChain::new()).collect(),
-//!             free: (0..n).collect(),
-//!             completion_fd: -1, // create the queue's io_uring + eventfd here
-//!         })
+//!     fn num_queues(&self) -> u16 { 2 }
+//!     fn max_queue_size(&self) -> u16 { 256 }
+//!     // Both queues on one thread, one handler.
+//!     fn queue_group(&self, _queue: u16) -> Option<u16> { Some(0) }
+//!     fn start_group(&self, _group: &GroupInfo) -> Result<EchoQueues, DeviceError> {
+//!         Ok(EchoQueues { chain: DescriptorChain::new() })
 //!     }
 //! }
 //!
-//! let (args, _rest) = BackendArgs::parse_known(std::env::args().skip(1)).unwrap();
-//! if args.print_capabilities {
-//!     Capabilities::new("block").feature("read-only").print().unwrap();
-//!     return;
-//! }
-//! let device = Arc::new(Blk { capacity_sectors: 0.into() });
-//! let mut server = Server::new(args.into_socket().unwrap(), device, ServerConfig::default()).unwrap();
-//! let notifier = server.config_notifier(); // after a resize: notifier.notify_config_change()
+//! let (frontend, backend) = UnixStream::pair().unwrap();
+//! let mut server = Server::new(FrontendSocket::Connected(backend), Arc::new(Echo), ServerConfig::default()).unwrap();
 //! let stop = server.shutdown_handle(); // call stop.shutdown() on SIGTERM
-//! # let _ = (notifier, stop);
+//! drop(frontend); // a frontend would negotiate, set up memory and rings here
 //! server.serve().unwrap();
+//! # let _ = stop;
 //! ```
 
 mod backend_channel;
@@ -120,7 +103,10 @@ mod tests;
 
 pub use backend_channel::ConfigNotifier;
 pub use conventions::{BackendArgs, Capabilities, ConventionError};
-pub use device::{Device, Processed, ProtocolFeatures, QueueContext, QueueHandler, Vring};
+pub use device::{
+    Device, Events, GroupContext, GroupInfo, Interest, Processed, ProtocolFeatures, QueueContext,
+    QueueHandler, Vring,
+};
 pub use error::{DeviceError, Error};
 pub use server::{FrontendSocket, Server, ServerConfig, ShutdownHandle};
 

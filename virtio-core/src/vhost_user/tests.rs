@@ -44,7 +44,7 @@ struct TestDevice {
     /// Hold popped chains until the queue's completion eventfd fires.
     hold: bool,
     resets: AtomicUsize,
-    started: AtomicUsize,
+    started: Arc<AtomicUsize>,
     held: Arc<AtomicUsize>,
     config: Mutex<[u8; 8]>,
     completions: Mutex<Vec<(u16, EventFd)>>,
@@ -79,12 +79,15 @@ impl TestDevice {
     }
 }
 
+/// The handler of one group (by default one queue): echoes, or holds chains until the
+/// group's completion eventfd fires.
 struct TestQueue {
     hold: bool,
-    held: Vec<DescriptorChain>,
+    held: Vec<(u16, DescriptorChain)>,
     spare: Vec<DescriptorChain>,
     completion: EventFd,
     held_count: Arc<AtomicUsize>,
+    started: Arc<AtomicUsize>,
 }
 
 fn echo(chain: &DescriptorChain, vring: &mut Vring) -> Result<(), DeviceError> {
@@ -96,12 +99,40 @@ fn echo(chain: &DescriptorChain, vring: &mut Vring) -> Result<(), DeviceError> {
     Ok(())
 }
 
+/// Token of the completion eventfd of a [`TestQueue`].
+const COMPLETION_TOKEN: u32 = 0;
+
 impl QueueHandler for TestQueue {
-    fn event_fds(&self) -> Vec<RawFd> {
-        vec![self.completion.as_raw_fd()]
+    fn queue_started(
+        &mut self,
+        ctx: &mut GroupContext<'_>,
+        _queue: &QueueContext,
+    ) -> Result<(), DeviceError> {
+        self.started.fetch_add(1, Ordering::AcqRel);
+        if ctx.queues().count() == 1 {
+            ctx.register(
+                self.completion.as_raw_fd(),
+                Interest::READABLE,
+                COMPLETION_TOKEN,
+            )?;
+        }
+        Ok(())
     }
 
-    fn process(&mut self, vring: &mut Vring) -> Result<Processed, DeviceError> {
+    fn queue_stopped(&mut self, ctx: &mut GroupContext<'_>, _queue: u16) {
+        if ctx.queues().count() == 0 {
+            ctx.unregister(COMPLETION_TOKEN);
+        }
+    }
+
+    fn process(
+        &mut self,
+        ctx: &mut GroupContext<'_>,
+        queue: u16,
+    ) -> Result<Processed, DeviceError> {
+        let Some(vring) = ctx.vring(queue) else {
+            return Ok(Processed::Empty);
+        };
         loop {
             let mut chain = self.spare.pop().unwrap_or_default();
             if !vring.pop_into(&mut chain)? {
@@ -109,7 +140,7 @@ impl QueueHandler for TestQueue {
                 return Ok(Processed::Empty);
             }
             if self.hold {
-                self.held.push(chain);
+                self.held.push((queue, chain));
                 self.held_count.fetch_add(1, Ordering::AcqRel);
             } else {
                 echo(&chain, vring)?;
@@ -118,10 +149,20 @@ impl QueueHandler for TestQueue {
         }
     }
 
-    fn handle_event(&mut self, _fd_index: usize, vring: &mut Vring) -> Result<(), DeviceError> {
+    fn handle_event(
+        &mut self,
+        ctx: &mut GroupContext<'_>,
+        _token: u32,
+        events: Events,
+    ) -> Result<(), DeviceError> {
+        if events.hangup || events.error {
+            return Err(DeviceError::Other("an event source hung up".into()));
+        }
         let _ = self.completion.read();
-        for chain in std::mem::take(&mut self.held) {
-            echo(&chain, vring)?;
+        for (queue, chain) in std::mem::take(&mut self.held) {
+            if let Some(vring) = ctx.vring(queue) {
+                echo(&chain, vring)?;
+            }
             self.held_count.fetch_sub(1, Ordering::AcqRel);
             self.spare.push(chain);
         }
@@ -174,19 +215,19 @@ impl Device for TestDevice {
         Ok(())
     }
 
-    fn start_queue(&self, ctx: &QueueContext) -> Result<TestQueue, DeviceError> {
-        self.started.fetch_add(1, Ordering::AcqRel);
+    fn start_group(&self, group: &GroupInfo) -> Result<TestQueue, DeviceError> {
         let completion = EventFd::new(EFD_NONBLOCK)?;
-        self.completions
-            .lock()
-            .unwrap()
-            .push((ctx.index, completion.try_clone()?));
+        let mut c = self.completions.lock().unwrap();
+        for &q in &group.queues {
+            c.push((q, completion.try_clone()?));
+        }
         Ok(TestQueue {
             hold: self.hold,
             held: Vec::new(),
             spare: Vec::new(),
             completion,
             held_count: self.held.clone(),
+            started: self.started.clone(),
         })
     }
 
@@ -1284,4 +1325,5 @@ fn rings_start_enabled_without_protocol_features() {
     t.join().unwrap().unwrap();
 }
 
+mod device_api;
 mod hostile;

@@ -1,5 +1,6 @@
-//! Queue worker threads: each serves a group of queues with its own epoll set over the
-//! queues' kick eventfds, their handlers' event fds and a command eventfd.
+//! Queue worker threads: each serves a group of queues (one [`QueueHandler`]) with its own
+//! epoll set over the queues' kick eventfds, the handler's event sources and a command
+//! eventfd.
 //!
 //! The hot path (kick → pop → process → add_used → signal) touches only state owned by
 //! the worker: no lock, no allocation. The connection thread talks to a worker through a
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-use super::device::{Processed, QueueHandler, Vring};
+use super::device::{Events, Interest, Processed, QueueContext, QueueHandler, Vring};
 use super::error::{DeviceError, Error, Result};
 use super::notify_fd::{Drained, NotifyFd};
 use super::poll::{PollPolicy, Poller};
@@ -24,18 +25,18 @@ use super::sigbus;
 use crate::memory::GuestMemoryView;
 
 /// A started queue, as handed to its worker.
-pub(crate) struct ActiveQueue<H> {
+pub(crate) struct ActiveQueue {
     pub vring: Vring,
-    pub handler: H,
     pub kick: NotifyFd,
+    pub context: QueueContext,
 }
 
 /// Control operations sent to a worker.
-pub(crate) enum Command<H> {
+pub(crate) enum Command {
     /// Start serving a queue in group slot `slot`.
     Start {
         slot: usize,
-        queue: Box<ActiveQueue<H>>,
+        queue: Box<ActiveQueue>,
         reply: Sender<io::Result<()>>,
     },
     /// Stop the queue in `slot` once its in-flight chains completed; reply its ring base.
@@ -68,9 +69,9 @@ pub(crate) struct WorkerSettings {
 }
 
 /// The connection's handle on a worker thread.
-pub(crate) struct WorkerHandle<H> {
+pub(crate) struct WorkerHandle {
     id: usize,
-    tx: Sender<Command<H>>,
+    tx: Sender<Command>,
     wake: EventFd,
     thread: Option<JoinHandle<()>>,
     /// Disconnected when the thread ends (its sender is dropped as `run` returns or
@@ -78,12 +79,14 @@ pub(crate) struct WorkerHandle<H> {
     done: Receiver<()>,
 }
 
-impl<H: QueueHandler> WorkerHandle<H> {
-    /// Starts worker `id` serving `group_size` queue slots.
-    pub fn spawn(
+impl WorkerHandle {
+    /// Starts worker `id` serving `group_size` queue slots with `handler`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn<H: QueueHandler>(
         id: usize,
         name: String,
         group_size: usize,
+        handler: H,
         settings: WorkerSettings,
         needs_reset: Arc<AtomicBool>,
         alarm: Arc<EventFd>,
@@ -105,8 +108,15 @@ impl<H: QueueHandler> WorkerHandle<H> {
         let (tx, rx) = mpsc::channel();
         let mut slots = Vec::with_capacity(group_size);
         slots.resize_with(group_size, || None);
+        let registry = Registry {
+            epoll: epoll_fd.as_raw_fd(),
+            sources: Vec::new(),
+            worker: id,
+        };
         let worker = Worker {
             id,
+            handler: Some(handler),
+            registry,
             epoll: epoll_fd,
             wake: worker_wake,
             rx,
@@ -135,7 +145,7 @@ impl<H: QueueHandler> WorkerHandle<H> {
     }
 
     /// Sends a command and wakes the worker.
-    pub fn send(&self, cmd: Command<H>) -> Result<()> {
+    pub fn send(&self, cmd: Command) -> Result<()> {
         self.tx.send(cmd).map_err(|_| Error::WorkerGone(self.id))?;
         self.wake.write(1).map_err(|source| Error::Os {
             what: "waking a queue worker",
@@ -172,6 +182,7 @@ impl<H: QueueHandler> WorkerHandle<H> {
 
 const TOKEN_COMMAND: u64 = 0;
 const KIND_KICK: u64 = 1;
+/// A handler's event source; the token is in the low 32 bits.
 const KIND_EVENT: u64 = 2;
 /// A call fd, watched (with no event asked) only for hang-up and error.
 const KIND_CALL: u64 = 3;
@@ -217,6 +228,178 @@ fn epoll_del(epoll: RawFd, fd: RawFd) {
     );
 }
 
+fn event_token(token: u32) -> u64 {
+    (KIND_EVENT << 16) | (u64::from(token) << 32)
+}
+
+fn epoll_events(interest: Interest) -> epoll::Events {
+    let mut ev = epoll::Events::empty();
+    if interest.readable {
+        ev |= epoll::Events::EPOLLIN | epoll::Events::EPOLLRDHUP;
+    }
+    if interest.writable {
+        ev |= epoll::Events::EPOLLOUT;
+    }
+    if interest.edge {
+        ev |= epoll::Events::EPOLLET;
+    }
+    ev
+}
+
+/// A handler's registered event sources.
+pub(crate) struct Registry {
+    epoll: RawFd,
+    sources: Vec<Source>,
+    worker: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Source {
+    token: u32,
+    fd: RawFd,
+}
+
+impl Registry {
+    fn find(&self, token: u32) -> Option<usize> {
+        self.sources.iter().position(|s| s.token == token)
+    }
+
+    fn register(&mut self, fd: RawFd, interest: Interest, token: u32) -> io::Result<()> {
+        if self.find(token).is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("event source token {token} is already registered"),
+            ));
+        }
+        epoll::ctl(
+            self.epoll,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            fd,
+            epoll::Event::new(epoll_events(interest), event_token(token)),
+        )?;
+        self.sources.push(Source { token, fd });
+        Ok(())
+    }
+
+    fn reregister(&mut self, token: u32, interest: Interest) -> io::Result<()> {
+        let i = self.find(token).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("event source token {token} is not registered"),
+            )
+        })?;
+        epoll::ctl(
+            self.epoll,
+            epoll::ControlOptions::EPOLL_CTL_MOD,
+            self.sources[i].fd,
+            epoll::Event::new(epoll_events(interest), event_token(token)),
+        )
+    }
+
+    fn unregister(&mut self, token: u32) -> bool {
+        match self.find(token) {
+            Some(i) => {
+                let src = self.sources.swap_remove(i);
+                epoll_del(self.epoll, src.fd);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn fd_of(&self, token: u32) -> Option<RawFd> {
+        self.find(token).map(|i| self.sources[i].fd)
+    }
+
+    fn clear(&mut self) {
+        for src in self.sources.drain(..) {
+            epoll_del(self.epoll, src.fd);
+        }
+    }
+}
+
+/// What a [`QueueHandler`] sees of its worker: the group's vrings, its event sources and
+/// the worker's scheduling. See [`QueueHandler`].
+pub struct GroupContext<'a> {
+    slots: &'a mut [Option<Slot>],
+    registry: &'a mut Registry,
+}
+
+impl std::fmt::Debug for GroupContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupContext")
+            .field("queues", &self.queues().collect::<Vec<_>>())
+            .field("sources", &self.registry.sources.len())
+            .finish()
+    }
+}
+
+impl GroupContext<'_> {
+    fn slot(&mut self, queue: u16) -> Option<&mut Slot> {
+        self.slots
+            .iter_mut()
+            .flatten()
+            .find(|s| s.vring.index() == queue)
+    }
+
+    /// The vring of `queue`, if it belongs to this group and is running (or stopping:
+    /// completions of a draining ring are still returned through it).
+    pub fn vring(&mut self, queue: u16) -> Option<&mut Vring> {
+        self.slot(queue).map(|s| &mut s.vring)
+    }
+
+    /// The group's queues that are running or stopping.
+    pub fn queues(&self) -> impl Iterator<Item = u16> + '_ {
+        self.slots.iter().flatten().map(|s| s.vring.index())
+    }
+
+    /// Whether `queue` is running (not stopping, not broken) and enabled.
+    pub fn is_active(&mut self, queue: u16) -> bool {
+        self.slot(queue)
+            .is_some_and(|s| matches!(s.state, State::Running) && !s.broken && s.vring.enabled())
+    }
+
+    /// Watches `fd` for `interest`; [`QueueHandler::handle_event`] gets `token`. The
+    /// handler keeps `fd` open while registered (the worker never closes it).
+    pub fn register(&mut self, fd: RawFd, interest: Interest, token: u32) -> io::Result<()> {
+        self.registry.register(fd, interest, token)
+    }
+
+    /// Changes what source `token` is watched for: pause it with [`Interest::PAUSED`],
+    /// resume it, or wait for writability.
+    pub fn reregister(&mut self, token: u32, interest: Interest) -> io::Result<()> {
+        self.registry.reregister(token, interest)
+    }
+
+    /// Stops watching source `token`. Returns false if it was not registered.
+    pub fn unregister(&mut self, token: u32) -> bool {
+        self.registry.unregister(token)
+    }
+
+    /// Asks for [`QueueHandler::process`] on `queue` soon (in this worker round), e.g.
+    /// after an event freed the resources a throttled queue waited for.
+    pub fn schedule(&mut self, queue: u16) {
+        if let Some(s) = self.slot(queue) {
+            s.kicked = true;
+            s.throttled = false;
+        }
+    }
+
+    /// Waits for the driver to make buffers available on `queue` (a net RX queue with a
+    /// packet to deliver and no buffer): turns notifications on and re-checks the ring,
+    /// closing the race with a driver that added buffers before it saw them on. Returns
+    /// true if buffers are available now (go on popping); else the next kick calls
+    /// [`QueueHandler::process`] on `queue`. No busy waiting, no lost wake-up.
+    pub fn wait_for_buffers(&mut self, queue: u16) -> crate::Result<bool> {
+        let Some(s) = self.slot(queue) else {
+            return Ok(false);
+        };
+        s.throttled = false;
+        s.poll_deadline = None;
+        s.vring.queue_mut().enable_notification()
+    }
+}
+
 enum State {
     Running,
     Stopping {
@@ -225,10 +408,9 @@ enum State {
     },
 }
 
-struct Slot<H> {
-    q: ActiveQueue<H>,
-    /// The handler's event fds still in the epoll set (-1: removed after a hang-up).
-    handler_fds: Vec<RawFd>,
+pub(crate) struct Slot {
+    vring: Vring,
+    kick: NotifyFd,
     /// The kick fd is in the epoll set.
     kick_watched: bool,
     /// The call and error fds registered in the epoll set (for hang-up).
@@ -248,10 +430,13 @@ struct Slot<H> {
 
 struct Worker<H> {
     id: usize,
+    /// The group's handler (taken only while the thread ends).
+    handler: Option<H>,
+    registry: Registry,
     epoll: OwnedFd,
     wake: EventFd,
-    rx: Receiver<Command<H>>,
-    slots: Vec<Option<Slot<H>>>,
+    rx: Receiver<Command>,
+    slots: Vec<Option<Slot>>,
     settings: WorkerSettings,
     needs_reset: Arc<AtomicBool>,
     /// Written to wake the connection when guest memory was found poisoned.
@@ -263,6 +448,38 @@ struct Worker<H> {
 
 /// Rounds of `process` one queue gets before the worker looks at its other queues.
 const MAX_ROUNDS: usize = 8;
+
+fn break_slot(needs_reset: &AtomicBool, s: &mut Slot, e: &DeviceError) {
+    if !s.broken {
+        // After a SIGBUS the ring reads zeros: name the cause, not its symptom.
+        // (Slow path: a break is rare, and `epoch` is 0 until a SIGBUS was caught.)
+        let poisoned = sigbus::epoch() != 0 && sigbus::view_poisoned(s.vring.memory());
+        log::error!(
+            "queue {}: {}; the queue is stopped until the device is reset",
+            s.vring.index(),
+            if poisoned {
+                "the frontend shrank the file behind guest memory (SIGBUS caught; the mapping \
+                 is now anonymous memory)"
+                    .to_string()
+            } else {
+                e.to_string()
+            }
+        );
+    }
+    s.broken = true;
+    s.poll_deadline = None;
+    s.kicked = false;
+    s.vring.set_broken();
+    needs_reset.store(true, Ordering::Release);
+    s.vring.notify_error();
+}
+
+/// Signals every driver of the group that has returned chains waiting for a signal.
+fn signal_all(slots: &mut [Option<Slot>]) {
+    for s in slots.iter_mut().flatten() {
+        s.vring.signal_used();
+    }
+}
 
 impl<H: QueueHandler> Worker<H> {
     fn run(mut self) {
@@ -298,6 +515,10 @@ impl<H: QueueHandler> Worker<H> {
                 break;
             }
         }
+        // The handler's sources leave the epoll set before the handler (and its fds)
+        // goes.
+        self.registry.clear();
+        drop(self.handler.take());
         log::debug!("queue worker {} exits", self.id);
     }
 
@@ -306,7 +527,7 @@ impl<H: QueueHandler> Worker<H> {
         let now = Instant::now();
         for s in self.slots.iter().flatten() {
             let due = match &s.state {
-                State::Running if s.kicked && s.q.vring.enabled() && !s.broken => {
+                State::Running if s.kicked && s.vring.enabled() && !s.broken => {
                     Some(Duration::ZERO)
                 }
                 State::Running => s.poll_deadline.map(|_| Duration::ZERO),
@@ -331,20 +552,24 @@ impl<H: QueueHandler> Worker<H> {
             }
             return;
         }
-        let (kind, slot, fd_index) = untoken(data);
+        let (kind, slot, _) = untoken(data);
+        if kind == KIND_EVENT {
+            let token = u32::try_from(data >> 32).unwrap_or(u32::MAX);
+            return self.handler_event(token, events);
+        }
         let epoll = self.epoll.as_raw_fd();
         let Some(Some(s)) = self.slots.get_mut(slot) else {
             return;
         };
-        // Rule: a kick, call, error or handler fd that reports hang-up or error (or EOF)
-        // breaks its queue and leaves the epoll set, so a level-triggered hang-up cannot
-        // keep the worker spinning.
+        // Rule: a kick, call or error fd that reports hang-up or error (or EOF) breaks
+        // its queue and leaves the epoll set, so a level-triggered hang-up cannot keep the
+        // worker spinning.
         match kind {
             KIND_KICK => {
                 let why = if hung_up(events) {
                     Some("the kick fd reported hang-up or error".to_string())
                 } else {
-                    match s.q.kick.drain() {
+                    match s.kick.drain() {
                         Ok(Drained::Open) => None,
                         Ok(Drained::HungUp) => Some("the kick fd reached end of file".into()),
                         Err(e) => Some(format!("reading the kick fd failed: {e}")),
@@ -353,41 +578,10 @@ impl<H: QueueHandler> Worker<H> {
                 match why {
                     None => s.kicked = true,
                     Some(why) => {
-                        epoll_del(epoll, s.q.kick.as_raw_fd());
+                        epoll_del(epoll, s.kick.as_raw_fd());
                         s.kick_watched = false;
-                        Self::break_queue(&self.needs_reset, s, &DeviceError::Other(why));
+                        break_slot(&self.needs_reset, s, &DeviceError::Other(why));
                     }
-                }
-            }
-            KIND_EVENT => {
-                if let Err(e) = s.q.handler.handle_event(fd_index, &mut s.q.vring) {
-                    Self::break_queue(&self.needs_reset, s, &e);
-                } else if s.throttled {
-                    s.kicked = true;
-                } else if s.poller.enabled()
-                    && matches!(s.state, State::Running)
-                    && s.q.vring.enabled()
-                    && s.q.vring.has_unsignalled_used()
-                {
-                    // Completions go back to the driver now: its next request usually
-                    // follows within its reaction time, so poll for it (notifications
-                    // off) if recent gaps were short.
-                    let now = Instant::now();
-                    let window = s.poller.arm(now);
-                    if !window.is_zero() {
-                        s.q.vring.queue_mut().disable_notification();
-                        s.poll_deadline = Some(now + window);
-                    }
-                }
-                s.q.vring.signal_used();
-                if hung_up(events) {
-                    if let Some(fd) = s.handler_fds.get_mut(fd_index) {
-                        epoll_del(epoll, *fd);
-                        *fd = -1;
-                    }
-                    let why =
-                        format!("the handler's event fd {fd_index} reported hang-up or error");
-                    Self::break_queue(&self.needs_reset, s, &DeviceError::Other(why));
                 }
             }
             KIND_CALL | KIND_ERR if hung_up(events) => {
@@ -403,21 +597,82 @@ impl<H: QueueHandler> Worker<H> {
                     if let Some(fd) = s.call_watched.take() {
                         epoll_del(epoll, fd);
                     }
-                    let _ = s.q.vring.set_call(None);
+                    let _ = s.vring.set_call(None);
                     "call"
                 } else {
                     if let Some(fd) = s.err_watched.take() {
                         epoll_del(epoll, fd);
                     }
-                    s.q.vring.set_err(None);
+                    s.vring.set_err(None);
                     "error"
                 };
                 let why = format!("the {what} fd reported hang-up or error; it is closed");
-                Self::break_queue(&self.needs_reset, s, &DeviceError::Other(why));
+                break_slot(&self.needs_reset, s, &DeviceError::Other(why));
             }
             KIND_CALL | KIND_ERR => {}
             _ => log::warn!("queue worker {}: unknown epoll token {data:#x}", self.id),
         }
+    }
+
+    /// Delivers an event of the handler's source `token`.
+    fn handler_event(&mut self, token: u32, events: u32) {
+        let Worker {
+            handler,
+            slots,
+            registry,
+            needs_reset,
+            ..
+        } = self;
+        let Some(h) = handler.as_mut() else {
+            return;
+        };
+        let fd = registry.fd_of(token);
+        if fd.is_none() {
+            // Unregistered earlier in this epoll batch.
+            return;
+        }
+        let ev = Events {
+            readable: events & libc::EPOLLIN as u32 != 0,
+            writable: events & libc::EPOLLOUT as u32 != 0,
+            hangup: events & (libc::EPOLLHUP | libc::EPOLLRDHUP) as u32 != 0,
+            error: events & libc::EPOLLERR as u32 != 0,
+        };
+        let r = h.handle_event(&mut GroupContext { slots, registry }, token, ev);
+        if let Err(e) = r {
+            for s in slots.iter_mut().flatten() {
+                break_slot(needs_reset, s, &e);
+            }
+        }
+        if hung_up(events) && registry.fd_of(token) == fd {
+            // A level-triggered hang-up would wake the worker again at once.
+            registry.unregister(token);
+            log::debug!(
+                "queue worker {}: event source {token} hung up; it is no longer watched",
+                registry.worker
+            );
+        }
+        let now = Instant::now();
+        for s in slots.iter_mut().flatten() {
+            if s.throttled {
+                // An event may have freed what a throttled queue waited for.
+                s.kicked = true;
+            } else if s.poller.enabled()
+                && matches!(s.state, State::Running)
+                && s.vring.enabled()
+                && !s.broken
+                && s.vring.has_unsignalled_used()
+            {
+                // Completions go back to the driver now: its next request usually
+                // follows within its reaction time, so poll for it (notifications off)
+                // if recent gaps were short.
+                let window = s.poller.arm(now);
+                if !window.is_zero() {
+                    s.vring.queue_mut().disable_notification();
+                    s.poll_deadline = Some(now + window);
+                }
+            }
+        }
+        signal_all(slots);
     }
 
     fn epoll_add(&self, fd: RawFd, tok: u64) -> io::Result<()> {
@@ -456,7 +711,7 @@ impl<H: QueueHandler> Worker<H> {
         }
     }
 
-    fn command(&mut self, cmd: Command<H>) {
+    fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Start { slot, queue, reply } => {
                 let r = self.start(slot, *queue);
@@ -464,21 +719,22 @@ impl<H: QueueHandler> Worker<H> {
             }
             Command::Stop { slot, reply } => {
                 let deadline = Instant::now() + self.settings.drain_timeout;
-                match self.slots.get_mut(slot) {
-                    Some(Some(s)) => Self::begin_stop(&self.needs_reset, s, deadline, Some(reply)),
-                    _ => {
-                        let _ = reply.send(None);
-                    }
+                if matches!(self.slots.get(slot), Some(Some(_))) {
+                    self.begin_stop(slot, deadline, Some(reply));
+                } else {
+                    let _ = reply.send(None);
                 }
             }
             Command::SetMemory { memory, reply } => {
                 for s in self.slots.iter_mut().flatten() {
-                    if let Err(e) = s.q.vring.set_memory(memory.clone()) {
-                        Self::break_queue(&self.needs_reset, s, &DeviceError::Queue(e));
+                    if let Err(e) = s.vring.set_memory(memory.clone()) {
+                        break_slot(&self.needs_reset, s, &DeviceError::Queue(e));
                         continue;
                     }
-                    s.q.handler.memory_changed(&memory);
                     s.kicked = true;
+                }
+                if let Some(h) = self.handler.as_mut() {
+                    h.memory_changed(&memory);
                 }
                 let _ = reply.send(());
             }
@@ -492,8 +748,8 @@ impl<H: QueueHandler> Worker<H> {
                     }
                     // Notifications due while there was no call fd were lost: signal
                     // once when one arrives.
-                    if s.q.vring.set_call(fd) {
-                        s.q.vring.notify_driver();
+                    if s.vring.set_call(fd) {
+                        s.vring.notify_driver();
                     }
                 } else if let Some(w) = watched {
                     epoll_del(epoll, w);
@@ -507,14 +763,14 @@ impl<H: QueueHandler> Worker<H> {
                     if let Some(old) = std::mem::replace(&mut s.err_watched, watched) {
                         epoll_del(epoll, old);
                     }
-                    s.q.vring.set_err(fd);
+                    s.vring.set_err(fd);
                 } else if let Some(w) = watched {
                     epoll_del(epoll, w);
                 }
             }
             Command::SetEnabled { slot, enabled } => {
                 if let Some(Some(s)) = self.slots.get_mut(slot) {
-                    s.q.vring.set_enabled(enabled);
+                    s.vring.set_enabled(enabled);
                     if enabled {
                         s.kicked = true;
                     }
@@ -527,36 +783,37 @@ impl<H: QueueHandler> Worker<H> {
     fn begin_exit(&mut self) {
         self.exiting = true;
         let deadline = Instant::now() + self.settings.drain_timeout;
-        for s in self.slots.iter_mut().flatten() {
-            if matches!(s.state, State::Running) {
-                Self::begin_stop(&self.needs_reset, s, deadline, None);
+        for i in 0..self.slots.len() {
+            if matches!(
+                self.slots[i],
+                Some(Slot {
+                    state: State::Running,
+                    ..
+                })
+            ) {
+                self.begin_stop(i, deadline, None);
             }
         }
     }
 
-    fn start(&mut self, slot: usize, q: ActiveQueue<H>) -> io::Result<()> {
+    fn start(&mut self, slot: usize, q: ActiveQueue) -> io::Result<()> {
         if slot >= self.slots.len() || self.slots[slot].is_some() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 format!("worker slot {slot} is busy or out of range"),
             ));
         }
-        let handler_fds = q.handler.event_fds();
-        self.epoll_add(q.kick.as_raw_fd(), token(KIND_KICK, slot, 0))?;
-        for (i, &fd) in handler_fds.iter().enumerate() {
-            if let Err(e) = self.epoll_add(fd, token(KIND_EVENT, slot, i)) {
-                self.epoll_del(q.kick.as_raw_fd());
-                for &added in &handler_fds[..i] {
-                    self.epoll_del(added);
-                }
-                return Err(e);
-            }
-        }
-        let call_watched = self.watch_notify_fd(q.vring.call_fd(), KIND_CALL, slot);
-        let err_watched = self.watch_notify_fd(q.vring.err_fd(), KIND_ERR, slot);
+        let ActiveQueue {
+            vring,
+            kick,
+            context,
+        } = q;
+        self.epoll_add(kick.as_raw_fd(), token(KIND_KICK, slot, 0))?;
+        let call_watched = self.watch_notify_fd(vring.call_fd(), KIND_CALL, slot);
+        let err_watched = self.watch_notify_fd(vring.err_fd(), KIND_ERR, slot);
         self.slots[slot] = Some(Slot {
-            q,
-            handler_fds,
+            vring,
+            kick,
             kick_watched: true,
             call_watched,
             err_watched,
@@ -569,15 +826,33 @@ impl<H: QueueHandler> Worker<H> {
             poll_deadline: None,
             poller: Poller::new(self.settings.poll),
         });
+        let Worker {
+            handler,
+            slots,
+            registry,
+            needs_reset,
+            ..
+        } = self;
+        if let Some(h) = handler.as_mut() {
+            let r = h.queue_started(&mut GroupContext { slots, registry }, &context);
+            if let (Err(e), Some(Some(s))) = (r, slots.get_mut(slot)) {
+                break_slot(needs_reset, s, &e);
+            }
+        }
         Ok(())
     }
 
-    fn begin_stop(
-        needs_reset: &AtomicBool,
-        s: &mut Slot<H>,
-        deadline: Instant,
-        reply: Option<Sender<Option<u32>>>,
-    ) {
+    fn begin_stop(&mut self, i: usize, deadline: Instant, reply: Option<Sender<Option<u32>>>) {
+        let Worker {
+            handler,
+            slots,
+            registry,
+            needs_reset,
+            ..
+        } = self;
+        let Some(Some(s)) = slots.get_mut(i) else {
+            return;
+        };
         if let State::Stopping { reply: r, .. } = &mut s.state {
             if reply.is_some() {
                 *r = reply;
@@ -586,19 +861,21 @@ impl<H: QueueHandler> Worker<H> {
         }
         s.state = State::Stopping { deadline, reply };
         s.poll_deadline = None;
-        let unreachable = s.q.vring.unreachable_in_flight();
+        let queue = s.vring.index();
+        let unreachable = s.vring.unreachable_in_flight();
         if unreachable > 0 {
             log::warn!(
-                "queue {}: {unreachable} chains counted in flight by the restored ring base were \
-                 never popped by this backend; not waiting for them",
-                s.q.vring.index()
+                "queue {queue}: {unreachable} chains counted in flight by the restored ring base \
+                 were never popped by this backend; not waiting for them"
             );
         }
-        if let Err(e) = s.q.handler.drain(&mut s.q.vring) {
-            log::error!("queue {}: draining failed: {e}", s.q.vring.index());
-            needs_reset.store(true, Ordering::Release);
+        if let Some(h) = handler.as_mut() {
+            if let Err(e) = h.drain(&mut GroupContext { slots, registry }, queue) {
+                log::error!("queue {queue}: draining failed: {e}");
+                needs_reset.store(true, Ordering::Release);
+            }
         }
-        s.q.vring.signal_used();
+        signal_all(slots);
     }
 
     fn finish_stopping(&mut self) {
@@ -607,15 +884,15 @@ impl<H: QueueHandler> Worker<H> {
             let done = match &self.slots[i] {
                 Some(Slot {
                     state: State::Stopping { deadline, .. },
-                    q,
+                    vring,
                     ..
                 }) => {
-                    let in_flight = q.vring.awaited_in_flight();
+                    let in_flight = vring.awaited_in_flight();
                     if in_flight > 0 && now >= *deadline {
                         log::error!(
                             "queue {}: {in_flight} requests still in flight after {:?}; stopping the ring anyway \
                              (their chains are not returned to the driver)",
-                            q.vring.index(),
+                            vring.index(),
                             self.settings.drain_timeout
                         );
                     }
@@ -632,22 +909,30 @@ impl<H: QueueHandler> Worker<H> {
             // Explicitly: the connection holds duplicates of these descriptors, so closing
             // ours does not take them out of the epoll set.
             if s.kick_watched {
-                self.epoll_del(s.q.kick.as_raw_fd());
-            }
-            for &fd in s.handler_fds.iter().filter(|&&fd| fd >= 0) {
-                self.epoll_del(fd);
+                self.epoll_del(s.kick.as_raw_fd());
             }
             for fd in [s.call_watched, s.err_watched].into_iter().flatten() {
                 self.epoll_del(fd);
             }
-            let base = s.q.vring.queue().vring_base();
+            let queue = s.vring.index();
+            let base = s.vring.queue().vring_base();
             let reply = match s.state {
                 State::Stopping { reply, .. } => reply,
                 State::Running => None,
             };
-            log::debug!("queue {}: stopped at base {base:#x}", s.q.vring.index());
-            // Drop the handler (and its resources) before reporting the ring stopped.
-            drop(s.q);
+            log::debug!("queue {queue}: stopped at base {base:#x}");
+            drop(s.vring);
+            // The handler releases the queue's resources before the ring is reported
+            // stopped.
+            let Worker {
+                handler,
+                slots,
+                registry,
+                ..
+            } = self;
+            if let Some(h) = handler.as_mut() {
+                h.queue_stopped(&mut GroupContext { slots, registry }, queue);
+            }
             if let Some(r) = reply {
                 let _ = r.send(Some(base));
             }
@@ -659,13 +944,13 @@ impl<H: QueueHandler> Worker<H> {
     /// inflight area included, and closes).
     fn check_poisoned_memory(&mut self) {
         for s in self.slots.iter_mut().flatten() {
-            if sigbus::view_poisoned(s.q.vring.memory()) {
+            if sigbus::view_poisoned(s.vring.memory()) {
                 let e = DeviceError::Other(
                     "the frontend shrank the file behind guest memory (SIGBUS caught; the \
                      mapping is now anonymous memory)"
                         .into(),
                 );
-                Self::break_queue(&self.needs_reset, s, &e);
+                break_slot(&self.needs_reset, s, &e);
             }
         }
         if let Err(e) = self.alarm.write(1) {
@@ -676,81 +961,78 @@ impl<H: QueueHandler> Worker<H> {
         }
     }
 
-    fn break_queue(needs_reset: &AtomicBool, s: &mut Slot<H>, e: &DeviceError) {
-        if !s.broken {
-            // After a SIGBUS the ring reads zeros: name the cause, not its symptom.
-            // (Slow path: a break is rare, and `epoch` is 0 until a SIGBUS was caught.)
-            let poisoned = sigbus::epoch() != 0 && sigbus::view_poisoned(s.q.vring.memory());
-            log::error!(
-                "queue {}: {}; the queue is stopped until the device is reset",
-                s.q.vring.index(),
-                if poisoned {
-                    "the frontend shrank the file behind guest memory (SIGBUS caught; the mapping \
-                     is now anonymous memory)"
-                        .to_string()
-                } else {
-                    e.to_string()
-                }
-            );
-        }
-        s.broken = true;
-        s.poll_deadline = None;
-        s.kicked = false;
-        s.q.vring.set_broken();
-        needs_reset.store(true, Ordering::Release);
-        s.q.vring.notify_error();
-    }
-
     fn run_queues(&mut self) {
         let polling = self.settings.poll != PollPolicy::Off;
-        let now = if polling { Some(Instant::now()) } else { None };
-        for s in self.slots.iter_mut().flatten() {
+        for i in 0..self.slots.len() {
+            let now = if polling { Some(Instant::now()) } else { None };
+            let Some(s) = self.slots[i].as_mut() else {
+                continue;
+            };
             if !matches!(s.state, State::Running) || s.broken {
                 continue;
             }
-            if !s.q.vring.enabled() {
+            if !s.vring.enabled() {
                 s.kicked = false;
                 s.poll_deadline = None;
                 continue;
             }
             if s.kicked {
-                Self::process(&self.needs_reset, s);
+                self.process(i);
             } else if let (Some(deadline), Some(now)) = (s.poll_deadline, now) {
-                match s.q.vring.has_available() {
-                    Ok(true) if !s.throttled => Self::process(&self.needs_reset, s),
+                match s.vring.has_available() {
+                    Ok(true) if !s.throttled => self.process(i),
                     Ok(_) if now >= deadline => {
                         s.poll_deadline = None;
-                        match s.q.vring.queue_mut().enable_notification() {
-                            Ok(true) => Self::process(&self.needs_reset, s),
+                        match s.vring.queue_mut().enable_notification() {
+                            Ok(true) => self.process(i),
                             Ok(false) => {}
-                            Err(e) => {
-                                Self::break_queue(&self.needs_reset, s, &DeviceError::Queue(e))
-                            }
+                            Err(e) => break_slot(&self.needs_reset, s, &DeviceError::Queue(e)),
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => Self::break_queue(&self.needs_reset, s, &DeviceError::Queue(e)),
+                    Err(e) => break_slot(&self.needs_reset, s, &DeviceError::Queue(e)),
                 }
             }
-            s.q.vring.signal_used();
         }
+        signal_all(&mut self.slots);
     }
 
-    /// Processes a queue until its ring is empty with notifications re-enabled (or, when
-    /// busy polling, until the next poll check), or the handler is throttled.
-    fn process(needs_reset: &AtomicBool, s: &mut Slot<H>) {
-        s.kicked = false;
-        if s.poller.enabled() {
-            s.poller.observe(Instant::now());
-        }
+    /// Processes queue slot `i` until its ring is empty with notifications re-enabled
+    /// (or, when busy polling, until the next poll check), or the handler is throttled.
+    fn process(&mut self, i: usize) {
+        let Worker {
+            handler,
+            slots,
+            registry,
+            needs_reset,
+            ..
+        } = self;
+        let Some(h) = handler.as_mut() else {
+            return;
+        };
+        let queue = match slots.get_mut(i) {
+            Some(Some(s)) => {
+                s.kicked = false;
+                if s.poller.enabled() {
+                    s.poller.observe(Instant::now());
+                }
+                s.vring.index()
+            }
+            _ => return,
+        };
         for _ in 0..MAX_ROUNDS {
-            s.q.vring.queue_mut().disable_notification();
-            let r = s.q.handler.process(&mut s.q.vring);
-            s.q.vring.signal_used();
+            if let Some(Some(s)) = slots.get_mut(i) {
+                s.vring.queue_mut().disable_notification();
+            }
+            let r = h.process(&mut GroupContext { slots, registry }, queue);
+            signal_all(slots);
+            let Some(Some(s)) = slots.get_mut(i) else {
+                return;
+            };
             match r {
-                Err(e) => return Self::break_queue(needs_reset, s, &e),
-                Ok(_) if s.q.vring.queue().is_broken() => {
-                    return Self::break_queue(
+                Err(e) => return break_slot(needs_reset, s, &e),
+                Ok(_) if s.vring.queue().is_broken() => {
+                    return break_slot(
                         needs_reset,
                         s,
                         &DeviceError::Other("the handler broke the queue".into()),
@@ -773,13 +1055,15 @@ impl<H: QueueHandler> Worker<H> {
             }
             // Re-enable notifications, then re-check: buffers made available before the
             // driver saw notifications on would otherwise come with no kick.
-            match s.q.vring.queue_mut().enable_notification() {
+            match s.vring.queue_mut().enable_notification() {
                 Ok(true) => continue,
                 Ok(false) => return,
-                Err(e) => return Self::break_queue(needs_reset, s, &DeviceError::Queue(e)),
+                Err(e) => return break_slot(needs_reset, s, &DeviceError::Queue(e)),
             }
         }
         // Still busy: let the other queues of this worker run, come back next round.
-        s.kicked = true;
+        if let Some(Some(s)) = slots.get_mut(i) {
+            s.kicked = true;
+        }
     }
 }

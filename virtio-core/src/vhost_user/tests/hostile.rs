@@ -762,16 +762,38 @@ struct HupQueue {
     pipe: File,
 }
 
+/// Token of a [`HupQueue`]'s pipe.
+const PIPE_TOKEN: u32 = 1;
+
 impl QueueHandler for HupQueue {
-    fn event_fds(&self) -> Vec<RawFd> {
-        vec![self.inner.completion.as_raw_fd(), self.pipe.as_raw_fd()]
+    fn queue_started(
+        &mut self,
+        ctx: &mut GroupContext<'_>,
+        queue: &QueueContext,
+    ) -> Result<(), DeviceError> {
+        self.inner.queue_started(ctx, queue)?;
+        ctx.register(self.pipe.as_raw_fd(), Interest::READABLE, PIPE_TOKEN)?;
+        Ok(())
     }
-    fn process(&mut self, vring: &mut Vring) -> Result<Processed, DeviceError> {
-        self.inner.process(vring)
+    fn process(
+        &mut self,
+        ctx: &mut GroupContext<'_>,
+        queue: u16,
+    ) -> Result<Processed, DeviceError> {
+        self.inner.process(ctx, queue)
     }
-    fn handle_event(&mut self, fd_index: usize, vring: &mut Vring) -> Result<(), DeviceError> {
-        if fd_index == 0 {
-            return self.inner.handle_event(0, vring);
+    fn handle_event(
+        &mut self,
+        ctx: &mut GroupContext<'_>,
+        token: u32,
+        events: Events,
+    ) -> Result<(), DeviceError> {
+        if token != PIPE_TOKEN {
+            return self.inner.handle_event(ctx, token, events);
+        }
+        if events.hangup || events.error {
+            // What a real device does when its own source goes away: fail the queues.
+            return Err(DeviceError::Other("the device's pipe hung up".into()));
         }
         let mut b = [0u8; 8];
         let _ = (&self.pipe).read(&mut b);
@@ -793,11 +815,11 @@ impl Device for HupDevice {
     fn max_queue_size(&self) -> u16 {
         self.inner.max_queue_size()
     }
-    fn start_queue(&self, ctx: &QueueContext) -> Result<HupQueue, DeviceError> {
+    fn start_group(&self, group: &GroupInfo) -> Result<HupQueue, DeviceError> {
         let (rd, wr) = pipe();
         self.writers.lock().unwrap().push(wr);
         Ok(HupQueue {
-            inner: self.inner.start_queue(ctx)?,
+            inner: self.inner.start_group(group)?,
             pipe: rd,
         })
     }
