@@ -9,6 +9,9 @@
 //!   SET_FEATURES (§5.1.3.1), the vnet header length and queue index helpers.
 //! * [`config`]: the configuration space ([`config::VirtioNetConfig`]), MAC addresses and
 //!   MTU limits.
+//! * [`ctrl`]: the control virtqueue (§5.1.6.5): command parsing, [`ctrl::NetState`]
+//!   (receive modes, MAC filter tables, active queue pairs, guest offloads) and the
+//!   receive filter.
 //! * [`tap`]: opening a (multi-queue) TAP with a vnet header, offloads, and non-blocking
 //!   `readv`/`writev`.
 //!
@@ -19,9 +22,11 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
+pub mod ctrl;
 pub mod features;
 pub mod tap;
 
 pub use config::{ConfigError, MacAddr, MacError, VirtioNetConfig};
+pub use ctrl::{CtrlOutcome, NetState};
 pub use features::{FeatureError, Negotiated, OfferOptions, QueueRole};
 pub use tap::{Tap, TapError, TapOffloads, TapQueue};
