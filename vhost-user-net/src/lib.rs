@@ -15,22 +15,25 @@
 //! * [`tap`]: opening a (multi-queue) TAP with a vnet header, offloads, and non-blocking
 //!   `readv`/`writev`.
 //! * [`switch`]: the MAC learning forwarding table of switch mode (no TAP).
+//! * [`metrics`]: per-queue counters.
 //!
 //! Guest and frontend input is hostile: every value they control is validated and a
 //! malformed one ends in an error value (or VIRTIO_NET_ERR on the control queue), never in
 //! a panic. The per-packet paths ([`ctrl::NetState::accepts`],
-//! [`switch::Switch::forward`]) do not allocate.
+//! [`switch::Switch::forward`], header building) do not allocate.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
 pub mod ctrl;
 pub mod features;
+pub mod metrics;
 pub mod switch;
 pub mod tap;
 
 pub use config::{ConfigError, MacAddr, MacError, VirtioNetConfig};
 pub use ctrl::{CtrlOutcome, NetState};
 pub use features::{FeatureError, Negotiated, OfferOptions, QueueRole};
+pub use metrics::{DropReason, QueueMetrics, QueueMetricsSnapshot};
 pub use switch::{Forward, PortId, Switch, SwitchConfig};
 pub use tap::{Tap, TapError, TapOffloads, TapQueue};
