@@ -9,6 +9,8 @@
 //!   SET_FEATURES (§5.1.3.1), the vnet header length and queue index helpers.
 //! * [`config`]: the configuration space ([`config::VirtioNetConfig`]), MAC addresses and
 //!   MTU limits.
+//! * [`hdr`]: the vnet header: checking the driver's on transmit (§5.1.6.2), setting
+//!   `num_buffers` on receive.
 //! * [`ctrl`]: the control virtqueue (§5.1.6.5): command parsing, [`ctrl::NetState`]
 //!   (receive modes, MAC filter tables, active queue pairs, guest offloads) and the
 //!   receive filter.
@@ -20,13 +22,14 @@
 //! Guest and frontend input is hostile: every value they control is validated and a
 //! malformed one ends in an error value (or VIRTIO_NET_ERR on the control queue), never in
 //! a panic. The per-packet paths ([`ctrl::NetState::accepts`],
-//! [`switch::Switch::forward`], header building) do not allocate.
+//! [`switch::Switch::forward`], [`hdr`]) do not allocate.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
 pub mod ctrl;
 pub mod features;
+pub mod hdr;
 pub mod metrics;
 pub mod switch;
 pub mod tap;
@@ -34,6 +37,7 @@ pub mod tap;
 pub use config::{ConfigError, MacAddr, MacError, VirtioNetConfig};
 pub use ctrl::{CtrlOutcome, NetState};
 pub use features::{FeatureError, Negotiated, OfferOptions, QueueRole};
+pub use hdr::{HeaderError, VnetHeader};
 pub use metrics::{DropReason, QueueMetrics, QueueMetricsSnapshot};
 pub use switch::{Forward, PortId, Switch, SwitchConfig};
 pub use tap::{Tap, TapError, TapOffloads, TapQueue};

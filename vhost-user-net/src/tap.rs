@@ -6,8 +6,9 @@
 //! pair. Every frame read from or written to a [`TapQueue`] starts with a vnet header
 //! (`struct virtio_net_hdr`, §5.1.6) whose length [`Tap::set_vnet_hdr_len`] sets to the
 //! negotiated one (10 or 12 bytes), so guest buffers can be passed to `readv`/`writev`
-//! as they are. When the length is 12 the kernel writes only the first 10 bytes of a
-//! header it delivers and leaves `num_buffers` alone: the device fills it in.
+//! as they are. When the length is 12 the kernel does not fill `num_buffers` in a header
+//! it delivers (recent kernels write 0, older ones skip the field): the device must set
+//! it ([`crate::hdr::set_num_buffers`], §5.1.6.4).
 //!
 //! Offloads: [`Tap::set_offloads`] (TUNSETOFFLOAD) tells the kernel which partial
 //! checksums and GSO frames it may hand to the device, i.e. to the guest; they follow the
