@@ -100,7 +100,7 @@ pub enum CommandError {
         /// The value sent.
         value: u8,
     },
-    /// VQ_PAIRS_SET outside 1..=max_virtqueue_pairs (§5.1.6.5.5).
+    /// VQ_PAIRS_SET outside 1..=max_virtqueue_pairs (§5.1.6.5.6).
     #[error("VQ_PAIRS_SET {requested}: must be from 1 to {max}")]
     PairsOutOfRange {
         /// Pairs asked.
@@ -108,7 +108,7 @@ pub enum CommandError {
         /// max_virtqueue_pairs.
         max: u16,
     },
-    /// GUEST_OFFLOADS_SET with offloads that were not negotiated (§5.1.6.5.6.1).
+    /// GUEST_OFFLOADS_SET with offloads that were not negotiated (§5.1.6.5.8.2).
     #[error("GUEST_OFFLOADS_SET {requested:#x}: only {allowed:#x} were negotiated")]
     OffloadsNotNegotiated {
         /// Offloads asked.
@@ -143,10 +143,10 @@ pub enum CtrlChange {
     /// The device's MAC address changed (a TAP device may follow it).
     MacAddr(MacAddr),
     /// The driver uses this many queue pairs from now on: enable pairs `0..n`, stop the
-    /// others (§5.1.6.5.5).
+    /// others (§5.1.6.5.6).
     QueuePairs(u16),
     /// The guest offloads (feature bits of [`GUEST_OFFLOAD_FEATURES`]) changed: apply
-    /// them with TUNSETOFFLOAD (§5.1.6.5.6).
+    /// them with TUNSETOFFLOAD (§5.1.6.5.8).
     GuestOffloads(u64),
     /// The driver acknowledged an announcement: clear VIRTIO_NET_S_ANNOUNCE (§5.1.6.5.4).
     AnnounceAcked,
@@ -254,9 +254,9 @@ pub struct NetState {
     pub unicast: MacTable,
     /// Multicast filter table (MAC_TABLE_SET).
     pub multicast: MacTable,
-    /// Queue pairs in use (1 until VQ_PAIRS_SET, §5.1.6.5.5).
+    /// Queue pairs in use (1 until VQ_PAIRS_SET, §5.1.6.5.6).
     pub active_pairs: u16,
-    /// Guest offloads in use, as feature bits (§5.1.6.5.6: initially all negotiated ones).
+    /// Guest offloads in use, as feature bits (§5.1.6.5.8: initially all negotiated ones).
     pub guest_offloads: u64,
 }
 
@@ -394,7 +394,7 @@ impl NetState {
                 cmd.end()?;
                 let requested = u64::from_le_bytes(b);
                 let allowed = self.features.bits() & GUEST_OFFLOAD_FEATURES;
-                // §5.1.6.5.6.1: no offload whose feature was not negotiated.
+                // §5.1.6.5.8.2: no offload whose feature was not negotiated.
                 if requested & !allowed != 0 {
                     return Err(CommandError::OffloadsNotNegotiated { requested, allowed });
                 }

@@ -36,7 +36,7 @@ pub const VNET_HDR_LEN_LEGACY: usize = 10;
 pub const VNET_HDR_LEN: usize = 12;
 
 /// Guest (device-to-driver) offload features, which VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET may
-/// switch on and off (§5.1.6.5.6).
+/// switch on and off (§5.1.6.5.8).
 pub const GUEST_OFFLOAD_FEATURES: u64 = bit(VIRTIO_NET_F_GUEST_CSUM)
     | bit(VIRTIO_NET_F_GUEST_TSO4)
     | bit(VIRTIO_NET_F_GUEST_TSO6)
@@ -45,8 +45,9 @@ pub const GUEST_OFFLOAD_FEATURES: u64 = bit(VIRTIO_NET_F_GUEST_CSUM)
     | bit(VIRTIO_NET_F_GUEST_USO4)
     | bit(VIRTIO_NET_F_GUEST_USO6);
 
-/// Features that need a control virtqueue (§5.1.3.1: each "Requires VIRTIO_NET_F_CTRL_VQ").
-/// CTRL_GUEST_OFFLOADS is added: its only use is a control command.
+/// Features that need a control virtqueue (§5.1.3.1: each "Requires VIRTIO_NET_F_CTRL_VQ";
+/// NOTF_COAL and VQ_NOTF_COAL from virtio 1.3). CTRL_GUEST_OFFLOADS and CTRL_RX_EXTRA are
+/// added although the list omits them: their only use is a control command.
 pub const CTRL_VQ_DEPENDENT_FEATURES: u64 = bit(VIRTIO_NET_F_CTRL_RX)
     | bit(VIRTIO_NET_F_CTRL_RX_EXTRA)
     | bit(VIRTIO_NET_F_CTRL_VLAN)
@@ -64,7 +65,9 @@ struct Rule {
     requires: &'static [u32],
 }
 
-/// The rules of §5.1.3.1 other than the CTRL_VQ ones (see [`CTRL_VQ_DEPENDENT_FEATURES`]).
+/// The rules of §5.1.3.1 other than the CTRL_VQ ones (see [`CTRL_VQ_DEPENDENT_FEATURES`]),
+/// plus GUEST_USO4/6 → GUEST_CSUM (virtio 1.3) and CTRL_RX_EXTRA → CTRL_RX (its commands
+/// extend CTRL_RX's, §5.1.6.5.1).
 const RULES: &[Rule] = &[
     Rule {
         feature: VIRTIO_NET_F_GUEST_TSO4,
@@ -314,7 +317,7 @@ impl Negotiated {
         }
     }
 
-    /// The guest offloads negotiated (the initial value of the offload state, §5.1.6.5.6).
+    /// The guest offloads negotiated (the initial value of the offload state, §5.1.6.5.8).
     pub const fn guest_offloads(self) -> u64 {
         self.0 & GUEST_OFFLOAD_FEATURES
     }

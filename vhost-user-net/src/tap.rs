@@ -579,7 +579,7 @@ impl TapQueue {
     /// TUNSETQUEUE: attaches (`true`) or detaches this queue of a multi-queue TAP. The
     /// kernel spreads frames for the guest over the attached queues only, so the device
     /// detaches the queues of pairs the driver does not use (all but pair 0 until
-    /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, §5.1.6.5.5) lest their frames wait unread.
+    /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, §5.1.6.5.6) lest their frames wait unread.
     pub fn set_enabled(&self, enabled: bool) -> io::Result<()> {
         let flag = if enabled {
             libc::IFF_ATTACH_QUEUE
