@@ -496,6 +496,61 @@ impl io::Write for Writer<'_> {
     }
 }
 
+/// How many of `chains`, in order, one buffer of `len` bytes fills when written across
+/// their device-writable parts (VIRTIO_NET_F_MRG_RXBUF, virtio 1.2 §5.1.6.4: a received
+/// packet may span several chains, the first one's header saying how many in
+/// `num_buffers`). `None` if they do not hold `len` bytes together; a zero-length buffer
+/// takes one chain.
+pub fn merged_chains_needed(chains: &[DescriptorChain], len: usize) -> Option<usize> {
+    let mut room = 0usize;
+    for (i, c) in chains.iter().enumerate() {
+        room += c.writable_len() as usize;
+        if room >= len {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// Writes `parts` (one buffer, e.g. a vnet header and a frame, in order) across the
+/// device-writable parts of `chains`, filling each chain before the next, and stores the
+/// bytes written to each chain in `lens` (for one `add_used_batch` of all of them, which
+/// publishes them together). Returns how many chains were used, or `None` (nothing
+/// written) if the chains or `lens` are too short: check with [`merged_chains_needed`]
+/// first to size the header's `num_buffers`. No allocation.
+pub fn write_merged(
+    chains: &[DescriptorChain],
+    parts: &[&[u8]],
+    lens: &mut [u32],
+) -> Option<usize> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let needed = merged_chains_needed(chains, total)?;
+    if lens.len() < needed {
+        return None;
+    }
+    let mut ci = 0;
+    let mut w = chains.first()?.writer();
+    for part in parts {
+        let mut rest: &[u8] = part;
+        while !rest.is_empty() {
+            let n = io::Write::write(&mut w, rest).unwrap_or(0);
+            rest = &rest[n..];
+            if w.available() == 0 && (!rest.is_empty() || ci + 1 < needed) {
+                lens[ci] = u32::try_from(w.bytes_written()).unwrap_or(u32::MAX);
+                ci += 1;
+                if ci == needed {
+                    break;
+                }
+                w = chains[ci].writer();
+            }
+        }
+    }
+    if ci < needed {
+        lens[ci] = u32::try_from(w.bytes_written()).unwrap_or(u32::MAX);
+    }
+    Some(needed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,5 +576,66 @@ mod tests {
         assert_eq!(out[1].iov_base, b.as_mut_ptr().cast());
         out.clear();
         assert_eq!(sub_iovecs(&iovs, 14, 10, &mut out), 2);
+    }
+
+    fn chains(mem: &Arc<GuestMemoryView>, lens: &[u32]) -> Vec<DescriptorChain> {
+        let mut out = Vec::new();
+        let mut addr = 0x1000u64;
+        for (id, &len) in lens.iter().enumerate() {
+            let mut c = DescriptorChain::new();
+            c.reset(mem);
+            c.push_buffer(mem, &mut 0, addr, len, true).unwrap();
+            c.set_head(u16::try_from(id).unwrap(), 1);
+            addr += 0x1000;
+            out.push(c);
+        }
+        out
+    }
+
+    fn view() -> (Arc<GuestMemoryView>, vm_memory::GuestMemoryMmap<()>) {
+        let mem =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)])
+                .unwrap();
+        (
+            Arc::new(GuestMemoryView::new(Arc::new(mem.clone())).unwrap()),
+            mem,
+        )
+    }
+
+    #[test]
+    fn merged_write_fills_chains_in_order_and_reports_each_length() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (view, mem) = view();
+        let cs = chains(&view, &[100, 100, 100]);
+        let hdr = [0xaau8; 12];
+        let frame: Vec<u8> = (0..=200u8).collect();
+        assert_eq!(merged_chains_needed(&cs, 12 + frame.len()), Some(3));
+        let mut lens = [0u32; 4];
+        assert_eq!(write_merged(&cs, &[&hdr, &frame], &mut lens), Some(3));
+        assert_eq!(lens[..3], [100, 100, 13]);
+        let mut back = vec![0u8; 100];
+        mem.read_slice(&mut back, GuestAddress(0x1000)).unwrap();
+        assert_eq!(back[..12], hdr);
+        assert_eq!(back[12..], frame[..88]);
+        mem.read_slice(&mut back, GuestAddress(0x2000)).unwrap();
+        assert_eq!(back[..], frame[88..188]);
+        let mut tail = [0u8; 13];
+        mem.read_slice(&mut tail, GuestAddress(0x3000)).unwrap();
+        assert_eq!(tail[..], frame[188..]);
+    }
+
+    #[test]
+    fn merged_write_that_does_not_fit_writes_nothing() {
+        let (view, _mem) = view();
+        let cs = chains(&view, &[10, 10]);
+        assert_eq!(merged_chains_needed(&cs, 21), None);
+        let mut lens = [0u32; 2];
+        assert_eq!(write_merged(&cs, &[&[1u8; 21]], &mut lens), None);
+        // Too few length slots for the chains needed.
+        let mut one = [0u32; 1];
+        assert_eq!(write_merged(&cs, &[&[1u8; 15]], &mut one), None);
+        // An exact fit uses exactly the chains needed.
+        assert_eq!(write_merged(&cs, &[&[1u8; 10]], &mut lens), Some(1));
+        assert_eq!(lens[0], 10);
     }
 }

@@ -32,7 +32,7 @@ pub mod memory;
 pub mod queue;
 pub mod vhost_user;
 
-pub use chain::{DescriptorChain, Reader, Segment, Writer};
+pub use chain::{merged_chains_needed, write_merged, DescriptorChain, Reader, Segment, Writer};
 pub use desc::vring_need_event;
 pub use error::{Error, Result};
 pub use memory::{GuestMemoryView, HostRegion, MemoryError};
