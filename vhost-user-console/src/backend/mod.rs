@@ -1,0 +1,2 @@
+//! Host sides.
+pub use crate::config::WinSize;
