@@ -29,6 +29,8 @@ pub mod config;
 pub mod control;
 pub mod metrics;
 
+pub use backend::{HostEvents, HostSide, Interest, PortOutput, Readiness, Watch, WinSize};
+
 pub use buffer::{InputBuffer, ReplayBuffer};
 pub use config::{virtio_console_config, ConfigError, ConsoleConfigSpace};
 pub use control::{ControlError, ControlState, DeviceMessage, DriverMessage, PortConfig};
