@@ -20,6 +20,9 @@ use vm_memory::ByteValued;
 
 use crate::config::WinSize;
 
+/// The `id` Linux puts in messages that are about no port (DEVICE_READY).
+pub const VIRTIO_CONSOLE_BAD_ID: u32 = !0;
+
 /// Driver: the device is ready (value 1) or failed (value 0).
 pub const VIRTIO_CONSOLE_DEVICE_READY: u16 = 0;
 /// Device: port `id` was added.
@@ -139,6 +142,7 @@ pub enum ControlError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DriverMessage {
     /// VIRTIO_CONSOLE_DEVICE_READY: the driver is ready (`true`) or failed to set up.
+    /// Its `id` is ignored (Linux sends [`VIRTIO_CONSOLE_BAD_ID`]).
     DeviceReady(bool),
     /// VIRTIO_CONSOLE_PORT_READY: port `id` is ready or failed.
     PortReady {
@@ -215,7 +219,9 @@ impl DriverMessage {
     /// Encodes the message (what a driver would send; for tests and drivers).
     pub fn encode(&self, buf: &mut [u8]) -> Result<usize, ControlError> {
         let (id, event, value) = match *self {
-            DriverMessage::DeviceReady(ok) => (0, VIRTIO_CONSOLE_DEVICE_READY, ok),
+            DriverMessage::DeviceReady(ok) => {
+                (VIRTIO_CONSOLE_BAD_ID, VIRTIO_CONSOLE_DEVICE_READY, ok)
+            }
             DriverMessage::PortReady { id, ok } => (id, VIRTIO_CONSOLE_PORT_READY, ok),
             DriverMessage::PortOpen { id, open } => (id, VIRTIO_CONSOLE_PORT_OPEN, open),
         };
@@ -585,6 +591,16 @@ mod tests {
         assert_eq!(
             DriverMessage::decode(&[9, 0, 0, 0, 6, 0, 1, 0]),
             Ok(DriverMessage::PortOpen { id: 9, open: true })
+        );
+    }
+
+    #[test]
+    fn decode_device_ready_ignores_id() {
+        let mut msg = [0xffu8; 8];
+        msg[4..].copy_from_slice(&[0, 0, 1, 0]);
+        assert_eq!(
+            DriverMessage::decode(&msg),
+            Ok(DriverMessage::DeviceReady(true))
         );
     }
 

@@ -365,6 +365,14 @@ mod tests {
     }
 
     #[test]
+    fn host_sides_can_move_to_a_worker_thread() {
+        fn send<T: Send + HostSide>() {}
+        send::<pty::Pty>();
+        send::<socket::SocketServer>();
+        send::<stdio::Stdio>();
+    }
+
+    #[test]
     fn output_without_client_is_kept_for_replay() {
         let metrics = Arc::new(PortMetrics::default());
         let (side, got) = fake(false, 100);

@@ -78,6 +78,17 @@ impl RestoreHandle {
         unsafe { libc::fcntl(saved.input.as_raw_fd(), libc::F_SETFL, saved.input_flags) };
     }
 
+    /// Makes a panic on any thread restore the terminal before the panic message is
+    /// printed (then runs the previous hook). Install it once, early.
+    pub fn restore_on_panic(&self) {
+        let handle = self.clone();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            handle.restore();
+            previous(info);
+        }));
+    }
+
     /// Whether the terminal has been restored.
     pub fn is_restored(&self) -> bool {
         self.0.restored.load(Ordering::Acquire)
@@ -373,6 +384,17 @@ mod tests {
         assert_ne!(lflag(s.as_raw_fd()) & libc::ICANON, 0);
         assert!(stdio.restore_handle().is_restored());
         drop(stdio);
+        assert_ne!(lflag(s.as_raw_fd()) & libc::ICANON, 0);
+    }
+
+    #[test]
+    fn stdio_panic_on_another_thread_restores_terminal() {
+        let (_m, s) = pty_pair();
+        let stdio = stdio_on(&s);
+        stdio.restore_handle().restore_on_panic();
+        let result = std::thread::spawn(|| panic!("test panic")).join();
+        assert!(result.is_err());
+        assert!(stdio.restore_handle().is_restored());
         assert_ne!(lflag(s.as_raw_fd()) & libc::ICANON, 0);
     }
 
