@@ -129,8 +129,12 @@ impl ConsoleConfigSpace {
         }
     }
 
-    /// The feature bits to offer (§5.3.3): SIZE when a size is known, MULTIPORT when
-    /// more than one port may exist, EMERG_WRITE if asked for.
+    /// The feature bits to offer (§5.3.3): SIZE when an initial size is known,
+    /// MULTIPORT when more than one port may exist, EMERG_WRITE if asked for.
+    ///
+    /// SIZE is not offered for a 0 x 0 console: Linux applies the config-space size at
+    /// probe time, and 0 x 0 is not a size. With MULTIPORT, console sizes travel in
+    /// RESIZE control messages, which need no feature bit.
     pub fn features(&self) -> u64 {
         let mut features = 0;
         if self.config.cols != 0 || self.config.rows != 0 {

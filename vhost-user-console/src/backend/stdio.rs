@@ -145,7 +145,7 @@ impl Stdio {
             Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => None,
             Err(e) => return Err(setup("tcsetattr(raw)")(e)),
         };
-        let saved = Saved {
+        let mut saved = Saved {
             input: saved_in,
             output: saved_out,
             termios,
@@ -153,7 +153,6 @@ impl Stdio {
             output_flags: 0,
             restored: AtomicBool::new(false),
         };
-        let mut saved = saved;
         let restore_now = |saved: Saved, e| {
             RestoreHandle(Arc::new(saved)).restore();
             e
