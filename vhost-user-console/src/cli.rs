@@ -212,10 +212,14 @@ pub enum CliError {
 /// Console device options.
 #[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
 pub struct ConsoleArgs {
-    /// A port: [name=NAME,](pty|socket=PATH|stdio)[,log=PATH][,console]. Repeat for
-    /// more ports, numbered from 0 in order. Port 0 is the console port unless a port
-    /// says `console`. Default: one console port on a pty.
-    #[arg(long = "port", value_name = "SPEC")]
+    /// The ports, one `--port SPEC` each (the syntax is in the module documentation).
+    #[arg(
+        long = "port",
+        value_name = "SPEC",
+        help = "A port: [name=NAME,](pty|socket=PATH|stdio)[,log=PATH][,console]. Repeat for \
+                more ports, numbered from 0 in order. Port 0 is the console port unless a \
+                port says console. Default: one console port on a pty"
+    )]
     pub ports: Vec<PortSpec>,
     /// Size limit of each log file before it rotates (0: no limit); K, M, G suffixes.
     #[arg(long, default_value = "1M", value_parser = parse_size, value_name = "BYTES")]
@@ -436,6 +440,16 @@ mod tests {
         assert!(parse_size("99999999999G").is_err());
         assert!(parse(&["--replay-bytes", "2G"]).is_err());
         assert!(parse(&["--log-files", "0"]).is_err());
+    }
+
+    #[test]
+    fn help_shows_the_port_syntax() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_help().to_string();
+        assert!(
+            help.contains("[name=NAME,](pty|socket=PATH|stdio)[,log=PATH][,console]"),
+            "{help}"
+        );
     }
 
     #[test]
