@@ -288,6 +288,8 @@ pub struct Vring {
     signal_failed: bool,
     enabled: bool,
     used_pending: bool,
+    /// Chains popped since the worker last looked (for its poll decision).
+    popped: u32,
     tracker: Option<Tracker>,
     /// Packed ring with tracking: host address of the descriptor ring.
     desc_ring: *const u8,
@@ -330,6 +332,7 @@ impl Vring {
             signal_failed: false,
             enabled,
             used_pending: false,
+            popped: 0,
             tracker: None,
             desc_ring: std::ptr::null(),
             recovered: Vec::new(),
@@ -474,6 +477,7 @@ impl Vring {
         if !self.queue.pop_into(chain)? {
             return Ok(false);
         }
+        self.popped = self.popped.wrapping_add(1);
         match &mut self.tracker {
             None => {}
             Some(Tracker::Split(t)) => t.on_pop(chain.id()),
@@ -540,6 +544,11 @@ impl Vring {
             self.used_pending = true;
         }
         Ok(())
+    }
+
+    /// Chains popped since the last call (the worker's poll decision).
+    pub(crate) fn take_popped(&mut self) -> u32 {
+        std::mem::take(&mut self.popped)
     }
 
     /// True if chains were returned since the last [`Self::signal_used`].

@@ -448,6 +448,9 @@ struct Worker<H> {
 
 /// Rounds of `process` one queue gets before the worker looks at its other queues.
 const MAX_ROUNDS: usize = 8;
+/// A ring whose `process` round popped more chains than this is throughput-bound, and
+/// does not busy-poll.
+const POLL_BATCH_MAX: u32 = 4;
 
 fn break_slot(needs_reset: &AtomicBool, s: &mut Slot, e: &DeviceError) {
     if !s.broken {
@@ -661,10 +664,12 @@ impl<H: QueueHandler> Worker<H> {
                 && s.vring.enabled()
                 && !s.broken
                 && s.vring.has_unsignalled_used()
+                && s.vring.in_flight() == 0
             {
-                // Completions go back to the driver now: its next request usually
-                // follows within its reaction time, so poll for it (notifications off)
-                // if recent gaps were short.
+                // The last completions go back to the driver now: its next request
+                // usually follows within its reaction time, so poll for it
+                // (notifications off) if recent gaps were short. With requests still in
+                // flight their completions wake the worker anyway: no poll.
                 let window = s.poller.arm(now);
                 if !window.is_zero() {
                     s.vring.queue_mut().disable_notification();
@@ -1045,7 +1050,12 @@ impl<H: QueueHandler> Worker<H> {
                 }
                 Ok(Processed::Empty) => s.throttled = false,
             }
-            if s.poller.enabled() {
+            // Poll only a latency-bound ring: one with nothing in flight (else the
+            // completions wake the worker, and the next request follows them) whose
+            // driver sends a few requests at a time (a deep queue is throughput-bound:
+            // its requests come in batches, and polling would only cost CPU).
+            let popped = s.vring.take_popped();
+            if s.poller.enabled() && s.vring.in_flight() == 0 && popped <= POLL_BATCH_MAX {
                 let now = Instant::now();
                 let window = s.poller.arm(now);
                 if !window.is_zero() {
