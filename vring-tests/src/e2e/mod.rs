@@ -36,7 +36,7 @@
 //!
 //! Other vhost-user frontends: [`uml`] runs user-mode Linux (Debian
 //! `user-mode-linux`) with `virtio_uml` devices on the same initramfs and
-//! protocol ([`UmlVm`]), and `dpdk` drives DPDK's testpmd as a `net_virtio_user`
+//! protocol ([`UmlVm`]), and [`dpdk`] drives DPDK's testpmd as a `net_virtio_user`
 //! frontend or a `net_vhost` backend.
 //!
 //! Guest protocol: the generated `/init` loads the virtio PCI transport
@@ -46,6 +46,7 @@
 
 pub mod blk;
 mod cpio;
+pub mod dpdk;
 mod initramfs;
 mod kernel;
 mod process;
