@@ -147,3 +147,73 @@ fn uml_virtio_blk_on_vhost_user_blk() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Process ids whose parent is `ppid` (from `/proc/*/stat`).
+fn children_of(ppid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may contain spaces, so split after ')'.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent == Some(ppid) {
+            kids.push(pid);
+        }
+    }
+    kids
+}
+
+/// A guest that never halts is killed at the timeout, with its helper
+/// processes (UML runs guest user space in ptraced child processes), and the
+/// error carries the console log.
+#[test]
+fn uml_timeout_kills_the_vm() {
+    let kernel = uml_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let initrd = Initramfs::new(&kernel)
+        .script("echo sleeping-forever; sleep 3600")
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let limit = Duration::from_secs(5);
+    let vm = UmlVm::new(&kernel, &initrd)
+        .timeout(limit)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    vm.wait_for_output("sleeping-forever", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pid = vm.pid().unwrap();
+    let helpers = children_of(pid);
+    assert!(
+        !helpers.is_empty(),
+        "UML (pid {pid}) has no child processes"
+    );
+    let err = vm.wait().unwrap_err();
+    match &err {
+        vring_tests::e2e::E2eError::Timeout { after, log, .. } => {
+            assert_eq!(*after, limit);
+            assert!(log.contains("sleeping-forever"), "{log}");
+        }
+        other => panic!("expected a timeout, got: {other}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let alive: Vec<u32> = std::iter::once(pid)
+            .chain(helpers.iter().copied())
+            .filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+            .collect();
+        if alive.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "UML processes {alive:?} (main pid {pid}) still exist 5 s after the timeout"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -3,6 +3,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -486,6 +487,10 @@ impl RunningVm {
         dir: Option<TempDir>,
     ) -> Result<RunningVm> {
         let prog = argv.first().map(|p| Path::new(p).display().to_string());
+        if kind == VmKind::Uml {
+            // Its own process group, so that its helper processes can be killed.
+            cmd.process_group(0);
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -581,13 +586,51 @@ impl RunningVm {
         }
     }
 
-    fn kill_and_reap(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = child.kill();
-        let status = child.wait().ok();
+    /// SIGKILLs the process group `pgid` of a user-mode Linux run (UML runs
+    /// guest user space and I/O helpers in child processes, which outlive a
+    /// SIGKILLed main process and keep the console pipe open). The caller
+    /// guarantees `pgid` is still ours: its leader is our unreaped child, or a
+    /// member still holds our pipe.
+    fn kill_group(&self, pgid: u32) {
+        if self.kind != VmKind::Uml {
+            return;
+        }
+        if let Ok(pgid) = i32::try_from(pgid) {
+            if pgid > 1 {
+                // SAFETY: kill(2) has no memory-safety preconditions; the group
+                // was created for this VM (`process_group(0)` at spawn).
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// Joins the output readers; for user-mode Linux, kills the process group
+    /// if its output has not ended 5 s after the main process exited.
+    fn join_readers(&mut self, pgid: Option<u32>) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.readers.iter().any(|r| !r.is_finished()) {
+            if let Some(pgid) = pgid {
+                self.kill_group(pgid);
+            }
+        }
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
+    }
+
+    fn kill_and_reap(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = child.id();
+        // Before reaping: the group's id cannot have been reused.
+        self.kill_group(pid);
+        let _ = child.kill();
+        let status = child.wait().ok();
+        self.join_readers(Some(pid));
         status
     }
 
@@ -625,10 +668,8 @@ impl RunningVm {
             std::thread::sleep(Duration::from_millis(20));
         };
         let elapsed = self.started.elapsed();
-        self.child = None;
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
+        let pid = self.child.take().map(|c| c.id());
+        self.join_readers(pid);
         let log = self.shared.snapshot();
         if let Some(module) = parse_insmod_failure(&log) {
             return Err(E2eError::Guest {
