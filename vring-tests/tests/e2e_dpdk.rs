@@ -179,3 +179,24 @@ fn testpmd_virtio_user_to_vhost_split() {
 fn testpmd_virtio_user_to_vhost_packed() {
     txonly_to_rxonly(true);
 }
+
+/// A frontend started without a backend fails at once, saying why, instead of
+/// running testpmd without its port.
+#[test]
+fn testpmd_virtio_user_without_backend_fails_clearly() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = TempDir::new("dpdk-nobe").unwrap();
+    let sock = tmp.path().join("missing.sock");
+    let started = Instant::now();
+    let err = TestPmd::new("frontend")
+        .cpu(frontend_cpu())
+        .virtio_user(&sock, MAC, &VirtioUserOptions::default())
+        .spawn()
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, E2eError::Guest { .. }) && text.contains("needs its backend listening"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15), "{text}");
+}

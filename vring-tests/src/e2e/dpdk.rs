@@ -437,7 +437,8 @@ impl TestPmd {
     }
 
     /// Starts testpmd and waits for its first prompt (fails with its output
-    /// if it exits first or the start-up timeout passes). For a
+    /// if it exits first, the start-up timeout passes, or a `--vdev` port
+    /// failed to probe, e.g. a `net_virtio_user` port without a backend). For a
     /// `net_vhost` port, also waits for its socket to appear.
     pub fn spawn(self) -> Result<RunningTestPmd> {
         let binary = match &self.binary {
@@ -501,7 +502,28 @@ impl TestPmd {
             readers,
             status: None,
         };
-        pmd.wait_for_after(0, PROMPT, self.startup_timeout, "the first prompt")?;
+        let startup = pmd.wait_for_after(0, PROMPT, self.startup_timeout, "the first prompt")?;
+        // testpmd carries on without the ports that failed to probe.
+        if let Some(line) = startup.lines().find(|l| {
+            l.contains("failed to initialize")
+                || l.contains("No probed ethernet devices")
+                || l.contains("Failed to setup backend")
+        }) {
+            let hint = if self.vdevs.iter().any(|v| v.starts_with("net_virtio_user")) {
+                " (a net_virtio_user port needs its backend listening on the socket first)"
+            } else {
+                ""
+            };
+            return Err(E2eError::Guest {
+                reason: format!(
+                    "{}: a --vdev port did not come up: `{}`{hint}; command: {}",
+                    pmd.name,
+                    line.trim(),
+                    pmd.cmdline
+                ),
+                log: pmd.log(),
+            });
+        }
         for spec in self.vdevs.iter().filter(|v| v.starts_with("net_vhost")) {
             if let Some(iface) = spec
                 .split(',')
