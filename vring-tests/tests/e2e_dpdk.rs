@@ -66,14 +66,15 @@ fn fail(what: &str, be: &RunningTestPmd, fe: Option<&RunningTestPmd>) -> ! {
     )
 }
 
-fn txonly_to_rxonly(packed: bool) {
+fn txonly_to_rxonly(packed: bool, queues: Option<u16>) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
     let tmp = TempDir::new("dpdk").unwrap();
     let sock = tmp.path().join("vhost.sock");
     let mut be = TestPmd::new("backend")
         .cpu(0)
-        .vhost_backend(&sock, None)
+        .vhost_backend(&sock, queues)
+        .queues(queues.unwrap_or(1))
         .spawn()
         .unwrap_or_else(|e| panic!("{e}"));
     be.set_fwd(FwdMode::RxOnly)
@@ -82,11 +83,13 @@ fn txonly_to_rxonly(packed: bool) {
 
     let opts = VirtioUserOptions {
         packed,
+        queues,
         ..Default::default()
     };
     let mut fe = match TestPmd::new("frontend")
         .cpu(frontend_cpu())
         .virtio_user(&sock, MAC, &opts)
+        .queues(queues.unwrap_or(1))
         .spawn()
     {
         Ok(fe) => fe,
@@ -110,7 +113,15 @@ fn txonly_to_rxonly(packed: bool) {
     let r = fe.set_fwd(FwdMode::TxOnly);
     check(r, &be, &fe);
     let r = fe.start();
-    check(r, &be, &fe);
+    let out = check(r, &be, &fe);
+    let want = format!("Tx queue number: {}", queues.unwrap_or(1));
+    if !out.contains(&want) {
+        fail(
+            &format!("frontend `start` output lacks `{want}`"),
+            &be,
+            Some(&fe),
+        );
+    }
     std::thread::sleep(SEND_FOR);
     let r = fe.stop();
     let fe_fwd = check(r, &be, &fe);
@@ -133,7 +144,11 @@ fn txonly_to_rxonly(packed: bool) {
     };
     let r = be.stop();
     let be_fwd = check(r, &be, &fe);
-    let ring = if packed { "packed" } else { "split" };
+    let ring = format!(
+        "{}, {} queue pair(s)",
+        if packed { "packed" } else { "split" },
+        queues.unwrap_or(1)
+    );
     eprintln!(
         "{ring}: frontend sent {} packets ({} not taken by the full ring), backend received {} \
          (missed {}, errors {}, nombuf {}, dropped {}); negotiated features {features:#x}",
@@ -172,12 +187,20 @@ fn txonly_to_rxonly(packed: bool) {
 
 #[test]
 fn testpmd_virtio_user_to_vhost_split() {
-    txonly_to_rxonly(false);
+    txonly_to_rxonly(false, None);
 }
 
 #[test]
 fn testpmd_virtio_user_to_vhost_packed() {
-    txonly_to_rxonly(true);
+    txonly_to_rxonly(true, None);
+}
+
+/// Two queue pairs (`queues=2` on both ports, which also gives virtio_user
+/// its control queue; `--rxq=2 --txq=2`): testpmd's one forwarding core sends
+/// on both TX queues and the backend's receives on both RX queues.
+#[test]
+fn testpmd_virtio_user_to_vhost_two_queues() {
+    txonly_to_rxonly(false, Some(2));
 }
 
 /// A frontend started without a backend fails at once, saying why, instead of

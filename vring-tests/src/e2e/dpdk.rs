@@ -363,6 +363,13 @@ impl TestPmd {
         self
     }
 
+    /// Uses `n` RX and `n` TX queues per port (`--rxq=n --txq=n`; testpmd's
+    /// default is 1 whatever the port has, e.g. `queues=` of a vdev).
+    pub fn queues(self, n: u16) -> Self {
+        self.app_arg(format!("--rxq={n}"))
+            .app_arg(format!("--txq={n}"))
+    }
+
     /// Limit for the start-up (up to the first prompt); default
     /// [`DEFAULT_COMMAND_TIMEOUT`].
     pub fn startup_timeout(mut self, t: Duration) -> Self {
