@@ -4,7 +4,14 @@
 #
 #   * QEMU >= 10 from bookworm-backports: qemu-system-x86, qemu-utils
 #     (qemu-utils ships /usr/bin/qemu-storage-daemon in the 10.x packages);
-#   * busybox-static, cpio (guest initramfs), user-mode-linux, iproute2;
+#   * busybox-static, cpio (guest initramfs), iproute2;
+#   * user-mode-linux: Linux as a program (/usr/bin/linux.uml, modules in
+#     /usr/lib/uml/modules/<ver>/), a vhost-user frontend through virtio_uml;
+#   * DPDK testpmd as a vhost-user frontend (net_virtio_user) and backend
+#     (net_vhost): dpdk-dev ships /usr/bin/dpdk-testpmd on bookworm (the
+#     `dpdk` package has only the python helper scripts); its PMDs are
+#     separate packages that dpdk-dev only recommends: librte-net-vhost23,
+#     librte-net-virtio23, librte-mempool-ring23 (the default mempool);
 #   * the guest kernel: the versioned linux-image-6.1.0-*-amd64 package that
 #     bookworm's linux-image-amd64 depends on, extracted (not installed) into
 #     $REPO/.cache/e2e/kernel/.
@@ -47,7 +54,8 @@ if [ "${VERSION_CODENAME:-}" != "bookworm" ]; then
 fi
 
 BACKPORTS_PKGS=(qemu-system-x86 qemu-utils)
-PLAIN_PKGS=(busybox-static cpio user-mode-linux iproute2 xz-utils)
+PLAIN_PKGS=(busybox-static cpio user-mode-linux iproute2 xz-utils
+    dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23)
 MIN_QEMU_DEB_VERSION="1:10"
 
 # installed_version PKG -> prints the installed version, or nothing.
@@ -123,9 +131,19 @@ if [ "${#need_plain[@]}" -gt 0 ]; then
 fi
 
 # --- 4. sanity-check the tools ----------------------------------------------
-for b in /usr/bin/qemu-system-x86_64 /usr/bin/qemu-storage-daemon /usr/bin/qemu-img /bin/busybox /usr/bin/cpio; do
+for b in /usr/bin/qemu-system-x86_64 /usr/bin/qemu-storage-daemon /usr/bin/qemu-img /bin/busybox /usr/bin/cpio \
+    /usr/bin/linux.uml /usr/bin/dpdk-testpmd /usr/bin/stdbuf; do
     [ -x "$b" ] || die "$b missing after installation"
 done
+for pmd in librte_net_vhost librte_net_virtio librte_mempool_ring; do
+    compgen -G "/usr/lib/*/dpdk/pmds-*/$pmd.so*" >/dev/null \
+        || die "DPDK PMD $pmd.so missing after installation (/usr/lib/*/dpdk/pmds-*/)"
+done
+uml_ver=$(cd /tmp && /usr/bin/linux.uml --version 2>/dev/null | head -n1 || true)
+[ -n "$uml_ver" ] && [ -d "/usr/lib/uml/modules/$uml_ver/kernel" ] \
+    || die "user-mode Linux ${uml_ver:-?}: no modules in /usr/lib/uml/modules/${uml_ver:-?}/kernel"
+log "user-mode Linux: $uml_ver (modules in /usr/lib/uml/modules/$uml_ver)"
+log "dpdk-testpmd: dpdk-dev $(installed_version dpdk-dev)"
 qv=$(/usr/bin/qemu-system-x86_64 --version | head -n1)
 qmajor=$(printf '%s\n' "$qv" | sed -n 's/.*version \([0-9]*\)\..*/\1/p')
 [ -n "$qmajor" ] && [ "$qmajor" -ge 10 ] || die "need QEMU >= 10, found: $qv"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The project's whole test suite: formatting, lints, every test (unit, property,
-# differential, end-to-end against real QEMU guests) and bounded fuzzing.
+# differential, end-to-end against real QEMU guests, user-mode Linux and DPDK testpmd
+# as vhost-user frontends) and bounded fuzzing.
 # This is the test command README.md gives; CI (.ci/run) runs exactly this.
 #
 # First it installs what the tests need (QEMU 10, qemu-storage-daemon, the guest kernel,
-# ...) with install-test-deps.sh, which only checks when everything is present and
+# user-mode-linux, dpdk-testpmd, ...) with install-test-deps.sh, which only checks when everything is present and
 # needs root (or sudo) only when it has something to install. E2E_SKIP_DEPS=1 skips
 # that step (for machines provisioned another way).
 set -euo pipefail

@@ -34,7 +34,8 @@ const CACHE_MAX_FILES: usize = 64;
 /// modules, a generated `/init` and the caller's test script.
 ///
 /// The generated `/init` mounts `/proc`, `/sys`, `/dev` (devtmpfs) and a
-/// tmpfs on `/tmp`, `insmod`s [`BASE_MODULES`] and then the caller's modules
+/// tmpfs on `/tmp`, `insmod`s the kernel's [`GuestKernel::base_modules`]
+/// ([`BASE_MODULES`] for the QEMU guest kernel) and then the caller's modules
 /// (dependencies resolved and loaded first), runs the test script with `sh`
 /// from `/`, prints `E2E-EXIT=<rc>` and powers off with `poweroff -f`. If an
 /// `insmod` fails it prints `E2E-INSMOD-FAILED=<module>` and powers off
@@ -71,7 +72,7 @@ impl<'k> Initramfs<'k> {
         }
     }
 
-    /// Adds driver modules to load after [`BASE_MODULES`], e.g.
+    /// Adds driver modules to load after the kernel's base modules, e.g.
     /// `["virtio_blk"]`, `["virtio_net"]` (pulls in `failover`,
     /// `net_failover`) or `["virtio_console"]`.
     pub fn modules(mut self, names: &[&str]) -> Self {
@@ -171,7 +172,7 @@ impl<'k> Initramfs<'k> {
         }
         let applets = busybox_applets(&busybox)?;
 
-        let mut names: Vec<&str> = BASE_MODULES.to_vec();
+        let mut names: Vec<&str> = self.kernel.base_modules().to_vec();
         names.extend(self.modules.iter().map(String::as_str));
         let modules = self.kernel.resolve_modules(&names)?;
 

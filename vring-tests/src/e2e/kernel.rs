@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use super::{cache_dir, read_file, E2eError, Result};
+use super::{cache_dir, read_file, E2eError, Result, BASE_MODULES};
 
 /// The guest kernel extracted by `install-test-deps.sh` into
 /// `$E2E_CACHE_DIR/kernel/` (a Debian `linux-image-*-amd64` package unpacked
@@ -17,6 +17,7 @@ pub struct GuestKernel {
     vmlinuz: PathBuf,
     image: PathBuf,
     modules_dir: PathBuf,
+    base_modules: &'static [&'static str],
     index: OnceLock<std::result::Result<ModuleIndex, String>>,
 }
 
@@ -118,11 +119,41 @@ impl GuestKernel {
             vmlinuz,
             image,
             modules_dir,
+            base_modules: BASE_MODULES,
             index: OnceLock::new(),
         })
     }
 
-    /// Kernel release, e.g. `6.1.0-56-amd64`.
+    /// A kernel that is not a bootable image for QEMU but a program (user-mode
+    /// Linux): `image` is the executable, `modules_dir` its `<ver>` modules
+    /// directory (with `kernel/` and `modules.builtin`), `root` the directory
+    /// holding the modules directories, and `base_modules` the transport
+    /// modules the initramfs loads first (those built in are skipped).
+    pub(crate) fn from_program(
+        version: String,
+        root: PathBuf,
+        image: PathBuf,
+        modules_dir: PathBuf,
+        base_modules: &'static [&'static str],
+    ) -> Result<GuestKernel> {
+        if !modules_dir.join("kernel").is_dir() {
+            return Err(E2eError::missing(format!(
+                "kernel modules not found in {}",
+                modules_dir.display()
+            )));
+        }
+        Ok(GuestKernel {
+            version,
+            root,
+            vmlinuz: image.clone(),
+            image,
+            modules_dir,
+            base_modules,
+            index: OnceLock::new(),
+        })
+    }
+
+    /// Kernel release, e.g. `6.1.0-56-amd64` (user-mode Linux: `6.1.176`).
     pub fn version(&self) -> &str {
         &self.version
     }
@@ -133,7 +164,8 @@ impl GuestKernel {
     }
 
     /// The image passed to QEMU's `-kernel`: the uncompressed PVH-bootable
-    /// `vmlinux-<ver>` when present, else `vmlinuz-<ver>`.
+    /// `vmlinux-<ver>` when present, else `vmlinuz-<ver>`. For user-mode
+    /// Linux, the kernel executable.
     pub fn image(&self) -> &Path {
         &self.image
     }
@@ -143,9 +175,17 @@ impl GuestKernel {
         &self.vmlinuz
     }
 
-    /// `lib/modules/<ver>` of the extracted kernel.
+    /// `lib/modules/<ver>` of the extracted kernel (for user-mode Linux,
+    /// `/usr/lib/uml/modules/<ver>`).
     pub fn modules_dir(&self) -> &Path {
         &self.modules_dir
+    }
+
+    /// The virtio transport modules the initramfs `/init` loads before the
+    /// caller's (skipping the built-in ones): [`BASE_MODULES`] (virtio PCI) for
+    /// the QEMU guest kernel, [`super::UML_BASE_MODULES`] for user-mode Linux.
+    pub fn base_modules(&self) -> &'static [&'static str] {
+        self.base_modules
     }
 
     fn index(&self) -> Result<&ModuleIndex> {

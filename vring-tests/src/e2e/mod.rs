@@ -34,6 +34,11 @@
 //! # }
 //! ```
 //!
+//! Other vhost-user frontends: [`uml`] runs user-mode Linux (Debian
+//! `user-mode-linux`) with `virtio_uml` devices on the same initramfs and
+//! protocol ([`UmlVm`]), and [`dpdk`] drives DPDK's testpmd as a `net_virtio_user`
+//! frontend or a `net_vhost` backend.
+//!
 //! Guest protocol: the generated `/init` loads the virtio PCI transport
 //! modules and the requested driver modules (printing
 //! [`INSMOD_FAILED_MARKER`] and powering off if one fails), runs the test
@@ -41,10 +46,12 @@
 
 pub mod blk;
 mod cpio;
+pub mod dpdk;
 mod initramfs;
 mod kernel;
 mod process;
 mod qemu;
+pub mod uml;
 
 use std::fmt;
 use std::io;
@@ -56,6 +63,10 @@ pub use initramfs::{Initramfs, InitramfsImage, BASE_MODULES};
 pub use kernel::{GuestKernel, KernelModule};
 pub use process::{qemu_storage_daemon_binary, wait_for_socket, BackgroundProcess, QsdBlkExport};
 pub use qemu::{qemu_binary, QemuVm, RunningVm, VmOutput, DEFAULT_CMDLINE, DEFAULT_TIMEOUT};
+pub use uml::{
+    uml_binary, uml_kernel, UmlVm, UML_BASE_MODULES, UML_DEFAULT_TIMEOUT, VIRTIO_ID_BLOCK,
+    VIRTIO_ID_CONSOLE, VIRTIO_ID_NET,
+};
 
 /// Marker line the guest prints after the test script: `E2E-EXIT=<rc>`.
 pub const EXIT_MARKER: &str = "E2E-EXIT=";
@@ -63,6 +74,18 @@ pub const EXIT_MARKER: &str = "E2E-EXIT=";
 /// Marker the guest `/init` prints (followed by the module name) when loading
 /// a kernel module fails; it then powers off without an [`EXIT_MARKER`].
 pub const INSMOD_FAILED_MARKER: &str = "E2E-INSMOD-FAILED=";
+
+/// Prefix of the progress lines a guest script prints with the `step` function
+/// of [`SCRIPT_PRELUDE`]: `E2E-STEP [<uptime>] <what>`.
+pub const STEP_MARKER: &str = "E2E-STEP ";
+
+/// Shell functions for guest test scripts (QEMU and user-mode Linux alike):
+/// `fail MSG` prints `GUEST-FAIL: MSG` and exits 1; `step MSG` prints an
+/// [`STEP_MARKER`] line with the guest's uptime, so a failed run's log shows
+/// how far the script got.
+pub const SCRIPT_PRELUDE: &str = r#"fail() { echo "GUEST-FAIL: $*"; exit 1; }
+step() { echo "E2E-STEP [$(cut -d' ' -f1 /proc/uptime)] $*"; }
+"#;
 
 /// The script that installs the e2e dependencies, relative to the repo root.
 pub const INSTALL_SCRIPT: &str = "vring-tests/scripts/install-test-deps.sh";

@@ -3,13 +3,16 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{E2eError, GuestKernel, InitramfsImage, Result, EXIT_MARKER, INSMOD_FAILED_MARKER};
+use super::{
+    E2eError, GuestKernel, InitramfsImage, Result, TempDir, EXIT_MARKER, INSMOD_FAILED_MARKER,
+};
 
 /// Kernel command line every VM gets (callers can [`QemuVm::append`] more).
 /// `cryptomgr.notests` skips ~0.3 s of crypto self-tests under TCG.
@@ -292,34 +295,9 @@ impl QemuVm {
         let (prog, rest) = argv
             .split_first()
             .ok_or_else(|| E2eError::Setup("empty QEMU command line".into()))?;
-        let mut child = Command::new(prog)
-            .args(rest)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| E2eError::io(format!("spawning {}", Path::new(prog).display()), e))?;
-        let shared = Arc::new(Shared::default());
-        let mut readers = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            readers.push(spawn_reader(Stream::Out(out), shared.clone(), self.echo));
-        }
-        if let Some(err) = child.stderr.take() {
-            readers.push(spawn_reader(Stream::Err(err), shared.clone(), self.echo));
-        }
-        let cmdline = argv
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
-        Ok(RunningVm {
-            child: Some(child),
-            shared,
-            readers,
-            started: Instant::now(),
-            timeout: self.timeout,
-            cmdline,
-        })
+        let mut cmd = Command::new(prog);
+        cmd.args(rest);
+        RunningVm::spawn(cmd, &argv, VmKind::Qemu, self.echo, self.timeout, None)
     }
 
     /// Spawns QEMU and waits for it to exit (see [`RunningVm::wait`]).
@@ -350,11 +328,16 @@ enum Stream {
     Err(ChildStderr),
 }
 
-fn spawn_reader(stream: Stream, shared: Arc<Shared>, echo: bool) -> JoinHandle<()> {
+fn spawn_reader(
+    stream: Stream,
+    shared: Arc<Shared>,
+    echo: bool,
+    stderr_prefix: &'static str,
+) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let (mut reader, prefix): (Box<dyn Read + Send>, &[u8]) = match stream {
             Stream::Out(o) => (Box::new(o), b""),
-            Stream::Err(e) => (Box::new(e), b"[qemu] "),
+            Stream::Err(e) => (Box::new(e), stderr_prefix.as_bytes()),
         };
         let mut buf = [0u8; 4096];
         let mut at_line_start = true;
@@ -389,7 +372,33 @@ fn spawn_reader(stream: Stream, shared: Arc<Shared>, echo: bool) -> JoinHandle<(
     })
 }
 
-/// A running QEMU. Killed on drop.
+/// What kind of VM a [`RunningVm`] is, for its messages and log prefixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum VmKind {
+    /// `qemu-system-x86_64`.
+    Qemu,
+    /// User-mode Linux (`/usr/bin/linux`).
+    Uml,
+}
+
+impl VmKind {
+    fn name(self) -> &'static str {
+        match self {
+            VmKind::Qemu => "QEMU",
+            VmKind::Uml => "user-mode Linux",
+        }
+    }
+
+    fn stderr_prefix(self) -> &'static str {
+        match self {
+            VmKind::Qemu => "[qemu] ",
+            VmKind::Uml => "[uml] ",
+        }
+    }
+}
+
+/// A running VM (QEMU, or user-mode Linux from [`super::UmlVm`]). Killed on
+/// drop.
 #[derive(Debug)]
 pub struct RunningVm {
     child: Option<Child>,
@@ -398,6 +407,9 @@ pub struct RunningVm {
     started: Instant,
     timeout: Duration,
     cmdline: String,
+    kind: VmKind,
+    /// Kept alive (and removed) with the VM: user-mode Linux's `TMPDIR`.
+    _dir: Option<TempDir>,
 }
 
 /// Result of a finished VM run.
@@ -410,7 +422,7 @@ pub struct VmOutput {
     pub exit_code: i32,
     /// Wall-clock time from spawning QEMU until it exited.
     pub elapsed: Duration,
-    /// QEMU's own exit status.
+    /// The VM process's own exit status (QEMU's, or user-mode Linux's).
     pub qemu_status: ExitStatus,
 }
 
@@ -418,6 +430,15 @@ impl VmOutput {
     /// Whether the test script exited with 0.
     pub fn success(&self) -> bool {
         self.exit_code == 0
+    }
+
+    /// The guest script's progress lines (those starting with
+    /// [`super::STEP_MARKER`], printed by [`super::SCRIPT_PRELUDE`]'s `step`).
+    pub fn steps(&self) -> Vec<&str> {
+        self.log
+            .lines()
+            .filter(|l| l.starts_with(super::STEP_MARKER))
+            .collect()
     }
 
     /// `Ok(self)` if the test script exited with 0, else an
@@ -454,7 +475,55 @@ pub(crate) fn parse_insmod_failure(log: &str) -> Option<&str> {
 }
 
 impl RunningVm {
-    /// QEMU's process id.
+    /// Spawns `cmd` (stdin null, stdout and stderr captured in the background;
+    /// `argv` is the same command line, for messages). `dir` is dropped with
+    /// the VM.
+    pub(crate) fn spawn(
+        mut cmd: Command,
+        argv: &[OsString],
+        kind: VmKind,
+        echo: bool,
+        timeout: Duration,
+        dir: Option<TempDir>,
+    ) -> Result<RunningVm> {
+        let prog = argv.first().map(|p| Path::new(p).display().to_string());
+        if kind == VmKind::Uml {
+            // Its own process group, so that its helper processes can be killed.
+            cmd.process_group(0);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| E2eError::io(format!("spawning {}", prog.unwrap_or_default()), e))?;
+        let shared = Arc::new(Shared::default());
+        let mut readers = Vec::new();
+        let prefix = kind.stderr_prefix();
+        if let Some(out) = child.stdout.take() {
+            readers.push(spawn_reader(Stream::Out(out), shared.clone(), echo, prefix));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(spawn_reader(Stream::Err(err), shared.clone(), echo, prefix));
+        }
+        let cmdline = argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(RunningVm {
+            child: Some(child),
+            shared,
+            readers,
+            started: Instant::now(),
+            timeout,
+            cmdline,
+            kind,
+            _dir: dir,
+        })
+    }
+
+    /// The VM process's id (QEMU's or user-mode Linux's).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -517,13 +586,51 @@ impl RunningVm {
         }
     }
 
-    fn kill_and_reap(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = child.kill();
-        let status = child.wait().ok();
+    /// SIGKILLs the process group `pgid` of a user-mode Linux run (UML runs
+    /// guest user space and I/O helpers in child processes, which outlive a
+    /// SIGKILLed main process and keep the console pipe open). The caller
+    /// guarantees `pgid` is still ours: its leader is our unreaped child, or a
+    /// member still holds our pipe.
+    fn kill_group(&self, pgid: u32) {
+        if self.kind != VmKind::Uml {
+            return;
+        }
+        if let Ok(pgid) = i32::try_from(pgid) {
+            if pgid > 1 {
+                // SAFETY: kill(2) has no memory-safety preconditions; the group
+                // was created for this VM (`process_group(0)` at spawn).
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// Joins the output readers; for user-mode Linux, kills the process group
+    /// if its output has not ended 5 s after the main process exited.
+    fn join_readers(&mut self, pgid: Option<u32>) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.readers.iter().any(|r| !r.is_finished()) {
+            if let Some(pgid) = pgid {
+                self.kill_group(pgid);
+            }
+        }
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
+    }
+
+    fn kill_and_reap(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = child.id();
+        // Before reaping: the group's id cannot have been reused.
+        self.kill_group(pid);
+        let _ = child.kill();
+        let status = child.wait().ok();
+        self.join_readers(Some(pid));
         status
     }
 
@@ -548,7 +655,7 @@ impl RunningVm {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) => {}
-                Err(e) => return Err(E2eError::io("waiting for QEMU", e)),
+                Err(e) => return Err(E2eError::io(format!("waiting for {}", self.kind.name()), e)),
             }
             if Instant::now() >= deadline {
                 self.kill_and_reap();
@@ -561,10 +668,8 @@ impl RunningVm {
             std::thread::sleep(Duration::from_millis(20));
         };
         let elapsed = self.started.elapsed();
-        self.child = None;
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
+        let pid = self.child.take().map(|c| c.id());
+        self.join_readers(pid);
         let log = self.shared.snapshot();
         if let Some(module) = parse_insmod_failure(&log) {
             return Err(E2eError::Guest {
@@ -580,16 +685,17 @@ impl RunningVm {
                 qemu_status: status,
             }),
             None => {
+                let name = self.kind.name();
                 let why = if log.contains("Kernel panic") {
-                    "the guest kernel panicked"
-                } else if log.contains("[qemu] ") {
-                    "QEMU reported an error"
+                    "the guest kernel panicked".to_owned()
+                } else if log.contains(self.kind.stderr_prefix()) {
+                    format!("{name} reported an error")
                 } else {
-                    "kernel panic, QEMU error or early power-off"
+                    format!("kernel panic, {name} error or early power-off")
                 };
                 Err(E2eError::Guest {
                     reason: format!(
-                        "guest did not report {EXIT_MARKER}<rc> ({why}); QEMU exited with \
+                        "guest did not report {EXIT_MARKER}<rc> ({why}); {name} exited with \
                          {status}; command: {}",
                         self.cmdline
                     ),
