@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use log::info;
+use virtio_core::vhost_user::Vring;
 use virtio_core::vhost_user::{
     Device, DeviceError, Events, GroupContext, GroupInfo, Interest, Processed, ProtocolFeatures,
     QueueContext, QueueHandler,
@@ -38,6 +39,22 @@ pub struct BlkQueues {
     dev_queues: Vec<(u16, BlockQueue)>,
 }
 
+impl BlkQueues {
+    /// The block processor of `queue` and its vring, if both are there.
+    fn queue_and_vring<'c>(
+        &'c mut self,
+        ctx: &'c mut GroupContext<'_>,
+        queue: u16,
+    ) -> Option<(&'c mut BlockQueue, &'c mut Vring)> {
+        let q = self
+            .dev_queues
+            .iter_mut()
+            .find(|(i, _)| *i == queue)
+            .map(|(_, q)| q)?;
+        Some((q, ctx.vring(queue)?))
+    }
+}
+
 fn device_error(e: QueueError) -> DeviceError {
     match e {
         QueueError::Queue(q) => DeviceError::Queue(q),
@@ -68,13 +85,7 @@ impl QueueHandler for BlkQueues {
         ctx: &mut GroupContext<'_>,
         queue: u16,
     ) -> Result<Processed, DeviceError> {
-        let (Some(q), Some(vring)) = (
-            self.dev_queues
-                .iter_mut()
-                .find(|(i, _)| *i == queue)
-                .map(|(_, q)| q),
-            ctx.vring(queue),
-        ) else {
+        let Some((q, vring)) = self.queue_and_vring(ctx, queue) else {
             return Ok(Processed::Empty);
         };
         q.process_available(vring).map_err(device_error)?;
@@ -94,13 +105,7 @@ impl QueueHandler for BlkQueues {
         let Ok(index) = u16::try_from(token) else {
             return Ok(());
         };
-        let (Some(q), Some(vring)) = (
-            self.dev_queues
-                .iter_mut()
-                .find(|(i, _)| *i == index)
-                .map(|(_, q)| q),
-            ctx.vring(index),
-        ) else {
+        let Some((q, vring)) = self.queue_and_vring(ctx, index) else {
             return Ok(());
         };
         q.process_completions(vring).map_err(device_error)?;
@@ -108,13 +113,7 @@ impl QueueHandler for BlkQueues {
     }
 
     fn drain(&mut self, ctx: &mut GroupContext<'_>, queue: u16) -> Result<(), DeviceError> {
-        let (Some(q), Some(vring)) = (
-            self.dev_queues
-                .iter_mut()
-                .find(|(i, _)| *i == queue)
-                .map(|(_, q)| q),
-            ctx.vring(queue),
-        ) else {
+        let Some((q, vring)) = self.queue_and_vring(ctx, queue) else {
             return Ok(());
         };
         q.drain(vring).map_err(device_error)?;
