@@ -11,7 +11,7 @@
 //! }
 //! ```
 //!
-//! [`handle`] reads the readable part from any [`io::Read`] (a descriptor chain's
+//! [`NetState::handle`] reads the readable part from any [`io::Read`] (a descriptor chain's
 //! `virtio_core::Reader`, or a byte slice) and writes the ack byte to any [`io::Write`]
 //! (the chain's `Writer`, or a `&mut [u8]`). Every malformed request (short, too long,
 //! unknown class or command, a command whose feature was not negotiated, an out of range
