@@ -27,6 +27,8 @@ pub mod buffer;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod device;
+pub mod handler;
 pub mod metrics;
 
 pub use backend::{HostEvents, HostSide, Interest, PortOutput, Readiness, Watch, WinSize};
@@ -34,4 +36,6 @@ pub use backend::{HostEvents, HostSide, Interest, PortOutput, Readiness, Watch, 
 pub use buffer::{InputBuffer, ReplayBuffer};
 pub use config::{virtio_console_config, ConfigError, ConsoleConfigSpace};
 pub use control::{ControlError, ControlState, DeviceMessage, DriverMessage, PortConfig};
+pub use device::{ConsoleDevice, HostLocation, HostPorts, SetupError};
+pub use handler::ConsoleQueues;
 pub use metrics::{PortMetrics, PortMetricsSnapshot};
