@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,9 +33,9 @@ use vhost_user_console::config::{
 };
 use vhost_user_console::control::{
     DriverMessage, VIRTIO_CONSOLE_CONSOLE_PORT, VIRTIO_CONSOLE_DEVICE_ADD,
-    VIRTIO_CONSOLE_PORT_NAME, VIRTIO_CONSOLE_PORT_OPEN,
+    VIRTIO_CONSOLE_PORT_NAME, VIRTIO_CONSOLE_PORT_OPEN, VIRTIO_CONSOLE_RESIZE,
 };
-use vhost_user_console::{ConsoleDevice, HostPorts};
+use vhost_user_console::{ConsoleDevice, HostLocation, HostPorts};
 use virtio_core::driver::{DriverBuffer, DriverQueue};
 use virtio_core::vhost_user::{
     Server, ServerConfig, ShutdownHandle, VHOST_USER_F_PROTOCOL_FEATURES,
@@ -105,8 +106,17 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &TempDir, args: &ConsoleArgs) -> (Self, Arc<ConsoleDevice>) {
+        let (d, dev, _) = Self::start_with_locations(dir, args);
+        (d, dev)
+    }
+
+    fn start_with_locations(
+        dir: &TempDir,
+        args: &ConsoleArgs,
+    ) -> (Self, Arc<ConsoleDevice>, Vec<(u32, HostLocation)>) {
         let _ = env_logger::builder().is_test(true).try_init();
         let ports = HostPorts::open(args).unwrap();
+        let locations = ports.locations().to_vec();
         let device = Arc::new(ConsoleDevice::new(ports).unwrap());
         let path = dir.path("vhost.sock");
         let mut server = Server::bind(
@@ -131,6 +141,7 @@ impl Daemon {
                 thread: Some(thread),
             },
             device,
+            locations,
         )
     }
 }
@@ -739,4 +750,115 @@ fn output_while_no_client_is_replayed_when_one_connects() {
     guest.used(1);
     let mut user = client(&sock);
     assert_eq!(read_exactly(&mut user, 13), b"early bytes\x00\xff");
+}
+
+// ---- resize ----
+
+#[test]
+fn multiport_socket_resize_sends_resize_cols_then_rows() {
+    let dir = TempDir::new("resize-mp");
+    let s0 = dir.path("con0");
+    let (daemon, _device) = Daemon::start(
+        &dir,
+        &args(&[
+            &format!("socket={}", s0.display()),
+            &format!("socket={}", dir.path("other").display()),
+        ]),
+    );
+    let mut guest = Guest::connect(&daemon.path, RingLayout::Split);
+    for _ in 0..8 {
+        guest.post_rx(2);
+    }
+    send_control(&mut guest, DriverMessage::DeviceReady(true));
+    next_control(&mut guest);
+    next_control(&mut guest);
+    send_control(&mut guest, DriverMessage::PortReady { id: 0, ok: true });
+    assert_eq!(
+        next_control(&mut guest),
+        (0, VIRTIO_CONSOLE_CONSOLE_PORT, 1, vec![])
+    );
+    let mut user = client(&s0);
+    assert_eq!(
+        next_control(&mut guest),
+        (0, VIRTIO_CONSOLE_PORT_OPEN, 1, vec![])
+    );
+    user.write_all(b"ab\x1b]vhost-resize;132;43\x07cd").unwrap();
+    let mut payload = 132u16.to_le_bytes().to_vec();
+    payload.extend_from_slice(&43u16.to_le_bytes());
+    assert_eq!(
+        next_control(&mut guest),
+        (0, VIRTIO_CONSOLE_RESIZE, 0, payload),
+        "§5.3.6.2: RESIZE carries cols, then rows"
+    );
+    assert_eq!(
+        guest.receive(0, 4, 2),
+        b"abcd",
+        "the resize sequence is not guest input"
+    );
+}
+
+#[test]
+fn single_port_socket_resize_updates_the_config_space() {
+    let dir = TempDir::new("resize-1");
+    let sock = dir.path("con0");
+    let mut a = args(&[&format!("socket={}", sock.display())]);
+    a.cols = Some(80);
+    a.rows = Some(24);
+    let (daemon, device) = Daemon::start(&dir, &a);
+    let mut guest = Guest::connect(&daemon.path, RingLayout::Packed);
+    assert_ne!(guest.features & feature_mask(VIRTIO_CONSOLE_F_SIZE), 0);
+    assert_eq!(guest.features & feature_mask(VIRTIO_CONSOLE_F_MULTIPORT), 0);
+    let mut user = client(&sock);
+    user.write_all(b"\x1b]vhost-resize;100;30\x07").unwrap();
+    let start = Instant::now();
+    loop {
+        let (_, cfg) = guest
+            .fe
+            .get_config(0, 4, VhostUserConfigFlags::WRITABLE, &[0; 4])
+            .unwrap();
+        if cfg == [100, 0, 30, 0] {
+            break;
+        }
+        assert!(start.elapsed() < TIMEOUT, "config space still {cfg:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let size = device.config_space().size();
+    assert_eq!((size.cols, size.rows), (100, 30));
+}
+
+// ---- pty ----
+
+#[test]
+fn pty_port_passes_bytes_both_ways() {
+    let dir = TempDir::new("pty");
+    let (daemon, _device, locations) = Daemon::start_with_locations(&dir, &args(&["pty"]));
+    let HostLocation::Pty(slave) = &locations[0].1 else {
+        panic!("port 0 is not a pty: {locations:?}");
+    };
+    let mut user = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(slave)
+        .unwrap();
+    let mut guest = Guest::connect(&daemon.path, RingLayout::Split);
+    guest.send(1, b"\x00\xffhello\r\n");
+    guest.used(1);
+    // Non-blocking reads until 9 bytes came, bounded by TIMEOUT.
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while got.len() < 9 {
+        let mut buf = [0u8; 64];
+        match user.read(&mut buf) {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(start.elapsed() < TIMEOUT, "pty got {got:?}");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("reading the pty: {e}"),
+        }
+    }
+    assert_eq!(got, b"\x00\xffhello\r\n");
+    user.write_all(b"\x03ls\r").unwrap();
+    assert_eq!(guest.receive(0, 4, 2), b"\x03ls\r");
 }
