@@ -311,6 +311,11 @@ impl ConsoleQueues {
                 break;
             }
             let Some(q) = queue else { break };
+            // A disabled ring (SET_VRING_ENABLE 0, user-mode Linux's teardown) or one
+            // not started yet: the input waits in the buffer.
+            if !ctx.is_active(q) {
+                break;
+            }
             let Some(vring) = ctx.vring(q) else { break };
             if !vring.pop_into(chain)? {
                 if ctx.wait_for_buffers(q)? {
@@ -431,6 +436,9 @@ impl ConsoleQueues {
             return Ok(());
         }
         while let Some(msg) = self.control.peek() {
+            if !ctx.is_active(CONTROL_RECEIVEQ) {
+                break;
+            }
             let Some(vring) = ctx.vring(CONTROL_RECEIVEQ) else {
                 break;
             };

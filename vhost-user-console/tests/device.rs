@@ -862,3 +862,20 @@ fn pty_port_passes_bytes_both_ways() {
     user.write_all(b"\x03ls\r").unwrap();
     assert_eq!(guest.receive(0, 4, 2), b"\x03ls\r");
 }
+
+#[test]
+fn disabled_receiveq_gets_no_input_until_enabled_again() {
+    let dir = TempDir::new("disable");
+    let sock = dir.path("con0");
+    let (daemon, _device) = Daemon::start(&dir, &args(&[&format!("socket={}", sock.display())]));
+    let mut user = client(&sock);
+    let mut guest = Guest::connect(&daemon.path, RingLayout::Packed);
+    // User-mode Linux's teardown: SET_VRING_ENABLE 0, no GET_VRING_BASE.
+    guest.fe.set_vring_enable(0, false).unwrap();
+    guest.post_rx(0);
+    user.write_all(b"kept\xfe").unwrap();
+    guest.no_used_for(0, Duration::from_millis(200));
+    guest.fe.set_vring_enable(0, true).unwrap();
+    let (_, data) = guest.used(0);
+    assert_eq!(data, b"kept\xfe");
+}
