@@ -3,7 +3,7 @@
 //! state machine (§5.3.6.2) and every port's host side, on one worker thread.
 //!
 //! * **receiveq** (device to driver, §5.3.6.1): host input is read into the port's
-//!   [`InputBuffer`] and copied into receive chains, one used element per chain with the
+//!   [`crate::InputBuffer`] and copied into receive chains, one used element per chain with the
 //!   bytes written. Receive chains are popped only when there are bytes for them, so no
 //!   chain is ever held between calls (and [`QueueHandler::drain`] has none to return).
 //!   With no receive buffer posted the handler asks [`GroupContext::wait_for_buffers`];
@@ -20,7 +20,7 @@
 //!   asks for a configuration change notification.
 //!
 //! Host sides' fds are registered with the worker with the interest they ask for
-//! ([`HostSide::watches`]), re-synchronised after every call into the host side. A
+//! ([`crate::HostSide::watches`]), re-synchronised after every call into the host side. A
 //! 500 ms timer polls what no fd reports (pty size changes, pty clients without a held
 //! slave) and flushes replay buffers.
 
