@@ -93,3 +93,82 @@ fn sigterm_stops_the_daemon_and_it_printed_its_ports() {
     assert!(err.contains("port 1: pty /dev/pts/"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A pty pair: (master, slave).
+fn openpty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: posix_openpt returns a new fd or -1; checked.
+    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    assert!(m >= 0);
+    // SAFETY: a fresh fd nothing else owns.
+    let master = unsafe { std::fs::File::from_raw_fd(m) };
+    // SAFETY: grantpt on the master fd we own; no memory is passed.
+    let r = unsafe { libc::grantpt(m) };
+    assert_eq!(r, 0);
+    // SAFETY: unlockpt on the master fd we own; no memory is passed.
+    let r = unsafe { libc::unlockpt(m) };
+    assert_eq!(r, 0);
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: ptsname_r writes a NUL-terminated name of at most name.len() bytes.
+    let r = unsafe { libc::ptsname_r(m, name.as_mut_ptr(), name.len()) };
+    assert_eq!(r, 0);
+    // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated string.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(path.to_str().unwrap())
+        .unwrap();
+    (master, slave)
+}
+
+fn lflag(f: &std::fs::File) -> libc::tcflag_t {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data; tcgetattr fills it for a terminal fd.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid terminal fd and a live termios.
+    let r = unsafe { libc::tcgetattr(f.as_raw_fd(), &mut t) };
+    assert_eq!(r, 0);
+    t.c_lflag
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+#[test]
+fn sigterm_restores_the_terminal_of_a_stdio_port() {
+    let (_master, slave) = openpty();
+    let before = lflag(&slave);
+    assert_ne!(before & libc::ICANON, 0, "a fresh pty is canonical");
+    let dir = std::env::temp_dir().join(format!("vcon-cli-stdio-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("vhost.sock");
+    let mut child = bin()
+        .args(["--socket-path", sock.to_str().unwrap(), "--port", "stdio"])
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(lflag(&slave) & (libc::ICANON | libc::ECHO), 0, "raw mode");
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child's pid; no memory is passed.
+    let r = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(r, 0);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "still running");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}");
+    assert_eq!(lflag(&slave), before, "the terminal modes are restored");
+    let _ = std::fs::remove_dir_all(&dir);
+}
