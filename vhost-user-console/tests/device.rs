@@ -286,6 +286,12 @@ impl Guest {
 
     /// Posts one writable buffer of `BUF` bytes on queue `q`.
     fn post_rx(&mut self, q: u16) -> u16 {
+        self.post_rx_len(q, BUF)
+    }
+
+    /// Posts one writable buffer of `len` (at most `BUF`) bytes on queue `q`.
+    fn post_rx_len(&mut self, q: u16, len: u32) -> u16 {
+        assert!(len <= BUF);
         let ring = &mut self.rings[usize::from(q)];
         let addr = ring.free.pop().expect("a free buffer");
         let id = ring
@@ -294,7 +300,7 @@ impl Guest {
                 &self.mem,
                 &[DriverBuffer {
                     addr,
-                    len: BUF,
+                    len,
                     writable: true,
                 }],
             )
@@ -878,4 +884,49 @@ fn disabled_receiveq_gets_no_input_until_enabled_again() {
     guest.fe.set_vring_enable(0, true).unwrap();
     let (_, data) = guest.used(0);
     assert_eq!(data, b"kept\xfe");
+}
+
+#[test]
+fn too_small_control_receive_buffer_drops_that_message_only() {
+    let dir = TempDir::new("small");
+    let (daemon, device) = Daemon::start(
+        &dir,
+        &args(&[
+            &format!("name=con0,socket={}", dir.path("a").display()),
+            &format!("socket={}", dir.path("b").display()),
+        ]),
+    );
+    let mut guest = Guest::connect(&daemon.path, RingLayout::Split);
+    // Room for DEVICE_ADD (8 bytes) but not for PORT_NAME (8 + 4).
+    for _ in 0..4 {
+        guest.post_rx_len(2, 8);
+    }
+    send_control(&mut guest, DriverMessage::DeviceReady(true));
+    assert_eq!(guest.used(2).1.len(), 8);
+    assert_eq!(guest.used(2).1.len(), 8);
+    send_control(&mut guest, DriverMessage::PortReady { id: 0, ok: true });
+    let (_, console_port) = guest.used(2);
+    assert_eq!(control_msg(&console_port).1, VIRTIO_CONSOLE_CONSOLE_PORT);
+    let (_, name) = guest.used(2);
+    assert!(
+        name.is_empty(),
+        "the PORT_NAME did not fit: returned with 0 bytes"
+    );
+    guest.post_rx(2);
+    send_control(&mut guest, DriverMessage::PortReady { id: 1, ok: true });
+    guest.no_used_for(2, Duration::from_millis(50));
+    let _user = client(&dir.path("b"));
+    assert_eq!(
+        next_control(&mut guest),
+        (1, VIRTIO_CONSOLE_PORT_OPEN, 1, vec![]),
+        "the device goes on after a dropped message"
+    );
+    drop(guest);
+    drop(daemon);
+    let errors: u64 = device
+        .port_metrics()
+        .iter()
+        .map(|(_, m)| m.snapshot().control_errors)
+        .sum();
+    assert_eq!(errors, 1);
 }
