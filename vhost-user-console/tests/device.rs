@@ -129,6 +129,9 @@ impl Daemon {
         )
         .unwrap();
         let stop = server.shutdown_handle();
+        device
+            .set_config_notifier(server.config_notifier())
+            .unwrap();
         let thread = std::thread::spawn(move || {
             if let Err(e) = server.serve() {
                 panic!("server failed: {e}");
@@ -222,7 +225,8 @@ impl Guest {
         fe.set_protocol_features(
             pf & (VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::MQ),
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::BACKEND_REQ),
         )
         .unwrap();
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -929,4 +933,41 @@ fn too_small_control_receive_buffer_drops_that_message_only() {
         .map(|(_, m)| m.snapshot().control_errors)
         .sum();
     assert_eq!(errors, 1);
+}
+
+#[test]
+fn single_port_resize_sends_a_config_change_message() {
+    let dir = TempDir::new("cfgchange");
+    let sock = dir.path("con0");
+    let mut a = args(&[&format!("socket={}", sock.display())]);
+    a.cols = Some(80);
+    a.rows = Some(24);
+    let (daemon, _device) = Daemon::start(&dir, &a);
+    let mut guest = Guest::connect(&daemon.path, RingLayout::Split);
+    let (mut backend_req, theirs) = UnixStream::pair().unwrap();
+    backend_req.set_read_timeout(Some(TIMEOUT)).unwrap();
+    guest.fe.set_backend_request_fd(&theirs).unwrap();
+    let mut user = client(&sock);
+    user.write_all(b"\x1b]vhost-resize;120;40\x07").unwrap();
+    // VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (2), no payload.
+    let mut header = [0u8; 12];
+    backend_req.read_exact(&mut header).unwrap();
+    let request = u32::from_le_bytes(header[0..4].try_into().unwrap());
+    let flags = u32::from_le_bytes(header[4..8].try_into().unwrap());
+    let size = u32::from_le_bytes(header[8..12].try_into().unwrap());
+    assert_eq!((request, size), (2, 0));
+    if flags & 0x8 != 0 {
+        // NEED_REPLY (REPLY_ACK negotiated): acknowledge with 0.
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&2u32.to_le_bytes());
+        reply.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+        reply.extend_from_slice(&8u32.to_le_bytes());
+        reply.extend_from_slice(&0u64.to_le_bytes());
+        backend_req.write_all(&reply).unwrap();
+    }
+    let (_, cfg) = guest
+        .fe
+        .get_config(0, 4, VhostUserConfigFlags::WRITABLE, &[0; 4])
+        .unwrap();
+    assert_eq!(cfg, [120, 0, 40, 0]);
 }
