@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Command-line options of the console device, to be flattened into the daemon's parser
-//! (`#[command(flatten)] console: ConsoleArgs`). Not wired to a daemon yet.
+//! (`#[command(flatten)] console: ConsoleArgs`), as `src/main.rs` does.
 //!
 //! ```text
 //! --port [name=NAME,](pty|socket=PATH|stdio)[,log=PATH][,console]   (repeatable)

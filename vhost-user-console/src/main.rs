@@ -1,9 +1,144 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! vhost-user-console: the console daemon of the suite (pty, unix socket, stdio or log
-//! file on the host side). Its building blocks live in the `vhost_user_console` library;
-//! until the device handler is wired, this binary only reports that it cannot serve yet.
+//! `vhost-user-console`: serves a virtio console (virtio 1.2 §5.3) to a VM over
+//! vhost-user, with ptys, unix sockets, the daemon's own stdin/stdout and log files as
+//! host sides.
+//!
+//! Follows the backend program conventions of QEMU's `docs/interop/vhost-user.rst`
+//! (`--socket-path PATH` or `--fd N`, `--print-capabilities`); the ports are given with
+//! `--port` (see `--help`, which ends with command lines to copy). The daemon serves one
+//! frontend at a time and keeps its ptys and sockets across frontends. SIGTERM/SIGINT
+//! stop it, with the terminal restored when a port uses stdio.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("vhost-user-console: the console device is not implemented in this release");
-    std::process::ExitCode::FAILURE
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use log::{error, info, warn};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGWINCH};
+use signal_hook::iterator::Signals;
+use vhost_user_console::cli::ConsoleArgs;
+use vhost_user_console::{ConsoleDevice, HostPorts};
+use virtio_core::vhost_user::{BackendArgs, Capabilities, Server, ServerConfig};
+
+/// Shown at the end of `--help`: command lines to copy.
+const AFTER_HELP: &str = "\
+Examples (start the daemon first; it prints the pty path of each pty port):
+
+  user-mode Linux, a console on a pty (then: screen /dev/pts/N):
+    vhost-user-console --socket-path /tmp/vcon.sock --port pty &
+    linux mem=256M ubd0=rootfs.img root=/dev/ubda virtio_uml.device=/tmp/vcon.sock:3 console=hvc0
+
+  user-mode Linux, a console on a socket (then: socat -,raw,echo=0 UNIX-CONNECT:/tmp/con0):
+    vhost-user-console --socket-path /tmp/vcon.sock --port socket=/tmp/con0,log=/tmp/con0.log &
+    linux mem=256M ubd0=rootfs.img root=/dev/ubda virtio_uml.device=/tmp/vcon.sock:3 console=hvc0
+
+  QEMU 10.2+ (generic vhost-user-test-device; untested here; guest RAM must be shared; \
+num_vqs is 2 for one port, 2 + 2 * PORTS with several):
+    vhost-user-console --socket-path /tmp/vcon.sock --port stdio &
+    qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem -chardev socket,id=c,path=/tmp/vcon.sock -device vhost-user-test-device-pci,chardev=c,virtio-id=3,num_vqs=2,config_size=12 -append console=hvc0 ...
+
+Several ports (--port twice or more) offer VIRTIO_CONSOLE_F_MULTIPORT; a named port \
+appears in a Linux guest as /dev/virtio-ports/NAME. A socket client resizes the console \
+with ESC ] vhost-resize ; COLS ; ROWS BEL. SIGTERM stops the daemon; RUST_LOG=debug for \
+more logging.";
+
+/// The daemon's command line: the backend program conventions (vhost-user.rst) and the
+/// console options.
+#[derive(Parser, Debug)]
+#[command(
+    name = "vhost-user-console",
+    version,
+    about = "vhost-user console device backend: a VM's console on a pty, a unix socket or stdio",
+    after_help = AFTER_HELP
+)]
+struct Options {
+    #[command(flatten)]
+    conventions: BackendArgs,
+    #[command(flatten)]
+    console: ConsoleArgs,
+    /// Busy-poll each ring for this many microseconds before sleeping on its kick (a
+    /// fixed window; 0: the adaptive window below).
+    #[arg(long, default_value_t = 0)]
+    poll_us: u64,
+    /// Adaptive polling: poll a ring for a window learned from recent gaps between
+    /// requests, at most this many microseconds; 0 disables polling (the default: a
+    /// console is not worth a busy CPU).
+    #[arg(long, default_value_t = 0)]
+    adaptive_poll_max_us: u64,
+}
+
+fn run() -> Result<(), String> {
+    // --print-capabilities works alone (vhost-user.rst: the frontend runs it to probe).
+    let lossy = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned());
+    if BackendArgs::parse_known(lossy).is_ok_and(|(a, _)| a.print_capabilities) {
+        return Capabilities::new("console")
+            .print()
+            .map_err(|e| format!("printing capabilities: {e}"));
+    }
+    let options = Options::parse();
+    let ports = HostPorts::open(&options.console).map_err(|e| e.to_string())?;
+    let restore = ports.stdio_restore_handle();
+    if let Some(r) = &restore {
+        r.restore_on_panic();
+    }
+    // The stdio port's terminal is in raw mode now: end lines with CR LF.
+    for (id, location) in ports.locations() {
+        eprint!("vhost-user-console: port {id}: {location}\r\n");
+        info!("port {id}: {location}");
+    }
+    let winch = ports.stdio_winch_flag();
+    let device = Arc::new(ConsoleDevice::new(ports).map_err(|e| e.to_string())?);
+    let socket = options
+        .conventions
+        .into_socket()
+        .map_err(|e| e.to_string())?;
+    let config = ServerConfig {
+        poll_us: options.poll_us,
+        adaptive_poll_max_us: options.adaptive_poll_max_us,
+        thread_name: "vcon".into(),
+        ..ServerConfig::default()
+    };
+    let mut server = Server::new(socket, Arc::clone(&device), config).map_err(|e| e.to_string())?;
+    if let Err(e) = device.set_config_notifier(server.config_notifier()) {
+        warn!("console size changes will not reach a single-port guest: {e}");
+    }
+    if let Some(flag) = winch {
+        if let Err(e) = signal_hook::flag::register(SIGWINCH, flag) {
+            warn!("SIGWINCH handler: {e}; terminal size changes go unnoticed");
+        }
+    }
+    let stop = server.shutdown_handle();
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("installing signal handlers: {e}"))?;
+    let signal_restore = restore.clone();
+    std::thread::Builder::new()
+        .name("vcon-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                if let Some(r) = &signal_restore {
+                    r.restore();
+                }
+                info!("signal {signal}: shutting down");
+                stop.shutdown();
+            }
+        })
+        .map_err(|e| format!("starting the signal thread: {e}"))?;
+    let result = server.serve().map_err(|e| e.to_string());
+    if let Some(r) = &restore {
+        r.restore();
+    }
+    result
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
