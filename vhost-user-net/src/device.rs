@@ -206,6 +206,23 @@ impl Shared {
     }
 }
 
+/// The role of virtqueue `index` (§5.1.2). A frontend that emulates the control queue
+/// itself (QEMU, DPDK virtio_user) does not negotiate CTRL_VQ, and
+/// [`CtrlVqPolicy::Mask`] then drops MQ too; it still uses every queue pair of the device
+/// (choosing them with SET_VRING_ENABLE), so without CTRL_VQ every index below
+/// 2·max_pairs is a data queue.
+pub(crate) fn queue_role(index: u16, neg: Negotiated, max_pairs: u16) -> Option<QueueRole> {
+    if neg.has_ctrl_vq() {
+        return features::queue_role(u32::from(index), neg, max_pairs);
+    }
+    let pair = index / 2;
+    (pair < max_pairs).then_some(if index % 2 == 0 {
+        QueueRole::Rx(pair)
+    } else {
+        QueueRole::Tx(pair)
+    })
+}
+
 /// The vhost-user network device in front of a TAP.
 #[derive(Debug)]
 pub struct NetDevice {
@@ -384,12 +401,10 @@ impl Device for NetDevice {
         let pair = group
             .queues
             .iter()
-            .find_map(
-                |&q| match features::queue_role(u32::from(q), neg, self.shared.max_pairs) {
-                    Some(QueueRole::Rx(p) | QueueRole::Tx(p)) => Some(p),
-                    _ => None,
-                },
-            )
+            .find_map(|&q| match queue_role(q, neg, self.shared.max_pairs) {
+                Some(QueueRole::Rx(p) | QueueRole::Tx(p)) => Some(p),
+                _ => None,
+            })
             .unwrap_or_else(|| group.queues.first().map_or(0, |q| q / 2))
             .min(self.shared.max_pairs.saturating_sub(1));
         NetQueues::new(Arc::clone(&self.shared), pair, neg)

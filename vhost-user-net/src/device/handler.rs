@@ -13,7 +13,7 @@ use virtio_core::{merged_chains_needed, write_merged, DescriptorChain};
 
 use super::Shared;
 use crate::ctrl::{CtrlChange, NetState};
-use crate::features::{self, Negotiated, QueueRole, VNET_HDR_LEN};
+use crate::features::{Negotiated, QueueRole, VNET_HDR_LEN};
 use crate::hdr::{set_num_buffers, VnetHeader};
 use crate::metrics::{DropReason, QueueMetrics};
 use crate::tap::{is_would_block, MAX_IOVECS};
@@ -459,8 +459,7 @@ impl QueueHandler for NetQueues {
         ctx: &mut GroupContext<'_>,
         queue: &QueueContext,
     ) -> Result<(), DeviceError> {
-        let role =
-            features::queue_role(u32::from(queue.index), self.features, self.shared.max_pairs);
+        let role = super::queue_role(queue.index, self.features, self.shared.max_pairs);
         info!(
             "queue {}: started as {role:?} ({:?} ring, {} entries)",
             queue.index, queue.layout, queue.size
