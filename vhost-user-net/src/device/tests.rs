@@ -485,3 +485,175 @@ fn tap_frames_both_ways_packed() {
 fn tap_frames_both_ways_packed_mrg_rxbuf() {
     in_netns(|| case(RingLayout::Packed, true));
 }
+
+/// Two queue pairs with CTRL_VQ and MQ: the control queue (index 4, §5.1.2) is served by
+/// group 0; until VQ_PAIRS_SET only pair 0 is used and TAP queue 1 is detached
+/// (§5.1.6.5.6); VQ_PAIRS_SET 2 attaches it, and both pairs' transmit queues reach the
+/// TAP.
+fn mq_case(layout: RingLayout) {
+    use virtio_bindings::virtio_net::{
+        VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_F_MQ,
+    };
+    let tap = Tap::open("vut1", 2).unwrap();
+    let device = Arc::new(
+        NetDevice::with_tap(
+            tap,
+            &NetOptions {
+                mac: MAC,
+                mtu: Some(1400),
+                queue_pairs: 2,
+                max_queue_size: 256,
+            },
+        )
+        .unwrap(),
+    );
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut server = Server::new(
+        FrontendSocket::Connected(b),
+        Arc::clone(&device),
+        ServerConfig::default(),
+    )
+    .unwrap();
+    let server = std::thread::spawn(move || server.serve());
+    let mut fe = Frontend::from_stream(a, 5);
+    let mem = GuestMem::new();
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    let mut want = bit(VIRTIO_F_VERSION_1)
+        | bit(VIRTIO_NET_F_CTRL_VQ)
+        | bit(VIRTIO_NET_F_MQ)
+        | bit(virtio_bindings::virtio_net::VIRTIO_NET_F_MTU)
+        | virtio_core::vhost_user::VHOST_USER_F_PROTOCOL_FEATURES;
+    if layout == RingLayout::Packed {
+        want |= RING_PACKED;
+    }
+    assert_eq!(offered & want, want, "offered {offered:#x}");
+    fe.set_features(want).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(
+        pf & (VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ),
+    )
+    .unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    assert_eq!(fe.get_queue_num().unwrap(), 5);
+    // The config space: max_virtqueue_pairs and mtu (§5.1.4).
+    let (_, cfg) = fe
+        .get_config(
+            0,
+            crate::config::CONFIG_SIZE as u32,
+            vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+            &[0u8; crate::config::CONFIG_SIZE],
+        )
+        .unwrap();
+    assert_eq!(&cfg[..6], &MAC.0);
+    assert_eq!(
+        u16::from_le_bytes([cfg[8], cfg[9]]),
+        2,
+        "max_virtqueue_pairs"
+    );
+    assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 1400, "mtu");
+    fe.set_mem_table(&[mem.region()]).unwrap();
+    let _rx0 = Ring::start(&mut fe, &mem, 0, layout);
+    let mut tx0 = Ring::start(&mut fe, &mem, 1, layout);
+    let _rx1 = Ring::start(&mut fe, &mem, 2, layout);
+    let mut tx1 = Ring::start(&mut fe, &mem, 3, layout);
+    let mut ctrl = Ring::start(&mut fe, &mem, 4, layout);
+    assert!(device.shared.is_attached(0));
+    assert!(
+        !device.shared.is_attached(1),
+        "unused pairs' TAP queues are detached"
+    );
+    let (class, cmd) = (
+        VIRTIO_NET_CTRL_MQ as u8,
+        VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,
+    );
+    control(&mut ctrl, &mem, 0x30_0000, &[class, cmd, 2, 0]);
+    assert!(
+        device.shared.is_attached(1),
+        "VQ_PAIRS_SET 2 attaches TAP queue 1"
+    );
+    device.shared.tap.set_link_up(true).unwrap();
+    let sock = packet_socket("vut1");
+    for (k, tx) in [&mut tx0, &mut tx1].into_iter().enumerate() {
+        let f = frame(0x10 * k as u8, 80);
+        let at = 0x20_0000 + 0x1000 * k as u64;
+        let mut buf = vec![0u8; 12];
+        buf.extend_from_slice(&f);
+        mem.mem.write_slice(&buf, GuestAddress(at)).unwrap();
+        let id = tx.add(
+            &mem,
+            &[DriverBuffer {
+                addr: at,
+                len: buf.len() as u32,
+                writable: false,
+            }],
+        );
+        assert_eq!(tx.used(&mem), (id, 0));
+        assert_eq!(recv_ours(&sock), f, "pair {k}");
+    }
+    // VQ_PAIRS_SET 3 is out of range: VIRTIO_NET_ERR, nothing changes.
+    mem.mem
+        .write_slice(&[class, cmd, 3, 0], GuestAddress(0x30_1000))
+        .unwrap();
+    let id = ctrl.add(
+        &mem,
+        &[
+            DriverBuffer {
+                addr: 0x30_1000,
+                len: 4,
+                writable: false,
+            },
+            DriverBuffer {
+                addr: 0x30_1100,
+                len: 1,
+                writable: true,
+            },
+        ],
+    );
+    assert_eq!(ctrl.used(&mem), (id, 1));
+    let ack: u8 = mem.mem.read_obj(GuestAddress(0x30_1100)).unwrap();
+    assert_eq!(ack, crate::ctrl::ACK_ERR);
+    assert!(device.shared.is_attached(1));
+    drop(fe);
+    drop(sock);
+    let start = Instant::now();
+    while !server.is_finished() {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the server did not notice the disconnect"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = server.join().unwrap();
+    assert_eq!(device.metrics(0).unwrap().snapshot().tx_packets, 1);
+    assert_eq!(device.metrics(1).unwrap().snapshot().tx_packets, 1);
+}
+
+#[test]
+fn two_queue_pairs_control_queue_and_vq_pairs_set_split() {
+    in_netns(|| mq_case(RingLayout::Split));
+}
+
+#[test]
+fn two_queue_pairs_control_queue_and_vq_pairs_set_packed() {
+    in_netns(|| mq_case(RingLayout::Packed));
+}
+
+#[test]
+fn queue_roles_with_and_without_a_control_queue() {
+    use virtio_bindings::virtio_net::VIRTIO_NET_F_MQ;
+    let ctrl_mq = Negotiated::from_bits_unchecked(bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_MQ));
+    assert_eq!(queue_role(4, ctrl_mq, 2), Some(QueueRole::Ctrl));
+    assert_eq!(queue_role(3, ctrl_mq, 2), Some(QueueRole::Tx(1)));
+    // CTRL_VQ without MQ: the control queue is at index 2 (§5.1.2).
+    let ctrl = Negotiated::from_bits_unchecked(bit(VIRTIO_NET_F_CTRL_VQ));
+    assert_eq!(queue_role(2, ctrl, 2), Some(QueueRole::Ctrl));
+    assert_eq!(queue_role(3, ctrl, 2), None);
+    // No CTRL_VQ (QEMU, DPDK): every pair carries data, none is a control queue.
+    let none = Negotiated::from_bits_unchecked(bit(VIRTIO_F_VERSION_1));
+    assert_eq!(queue_role(2, none, 2), Some(QueueRole::Rx(1)));
+    assert_eq!(queue_role(3, none, 2), Some(QueueRole::Tx(1)));
+    assert_eq!(queue_role(4, none, 2), None);
+}
