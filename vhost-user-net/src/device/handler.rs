@@ -28,6 +28,9 @@ const RX_BUF_LEN: usize = 65536 + 256 + VNET_HDR_LEN;
 /// Most receive chains one frame may span with MRG_RXBUF (64 KiB in 256-byte buffers).
 const MAX_MERGED_CHAINS: usize = 256;
 
+/// Length of an Ethernet header (destination, source, EtherType).
+const ETH_HLEN: usize = 14;
+
 /// Log the first failure of a kind, then one in this many.
 const LOG_EVERY: u64 = 1024;
 
@@ -348,10 +351,11 @@ impl NetQueues {
         let hdr_buf = hdr.get_mut(..self.hdr_len).unwrap_or(&mut []);
         let got = chain.reader().read(hdr_buf).unwrap_or(0);
         let frame_len = total.saturating_sub(self.hdr_len);
-        let checked = if got < self.hdr_len {
+        let checked = if got < self.hdr_len || frame_len < ETH_HLEN {
+            // A header, then at least an Ethernet header.
             Err(crate::hdr::HeaderError::Short {
                 len: total,
-                need: self.hdr_len,
+                need: self.hdr_len + ETH_HLEN,
             })
         } else {
             VnetHeader::read(&hdr, self.hdr_len).and_then(|h| h.check_tx(self.features, frame_len))

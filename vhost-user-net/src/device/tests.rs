@@ -367,6 +367,32 @@ fn case(layout: RingLayout, mrg_rxbuf: bool) {
         assert_eq!(recv_ours(&sock), f);
     }
 
+    // Hostile transmit chains: bad header flags, a chain shorter than its header, a
+    // header without an Ethernet frame. Each is returned (length 0), dropped and counted.
+    let bad_flags = {
+        let mut b = vec![0u8; 12];
+        b[0] = 0xfe; // only NEEDS_CSUM is the driver's (§5.1.6.2.1)
+        b.extend_from_slice(&frame(9, 50));
+        b
+    };
+    for (k, buf) in [bad_flags, vec![0u8; 4], vec![0u8; 12 + 5]]
+        .iter()
+        .enumerate()
+    {
+        let at = 0x28_0000 + 0x1000 * k as u64;
+        mem.mem.write_slice(buf, GuestAddress(at)).unwrap();
+        let id = tx.add(
+            &mem,
+            &[DriverBuffer {
+                addr: at,
+                len: buf.len() as u32,
+                writable: false,
+            }],
+        );
+        assert_eq!(tx.used(&mem), (id, 0));
+    }
+    assert_eq!(device.metrics(0).unwrap().snapshot().drop_bad_header, 3);
+
     // RX: a frame that arrives before any buffer waits for one (no loss, no spin).
     let first = frame(0x40, 300);
     send_frame(&sock, &first);
