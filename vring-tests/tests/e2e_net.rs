@@ -16,6 +16,9 @@
 //! (`target/debug` is the fallback, `E2E_VHOST_USER_NET=/path` overrides). Needs root
 //! (namespaces, TAP), `ip`, QEMU and the guest kernel of
 //! `vring-tests/scripts/install-test-deps.sh`. `E2E_VERBOSE=1` shows the guest console.
+//!
+//! The DPDK cases run `dpdk-testpmd` (virtio_user, `io` forwarding) as the frontend
+//! instead of QEMU, and are skipped when it is not installed.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -302,21 +305,13 @@ enum Ring {
     Packed,
 }
 
-/// One VM at a time (2 shared cores; TCG is slow enough alone).
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// One guest run against our daemon.
-fn net_case(case: &str, ring: Ring, queue_pairs: u16) {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let started = Instant::now();
-    let kernel = GuestKernel::locate().unwrap_or_else(|e| panic!("{e}"));
+/// Creates the namespace, starts the daemon in it on `<dir>/net.sock` with TAP
+/// [`TAP`], and gives the TAP 10.77.0.1/24.
+fn start_daemon(case: &str, queue_pairs: u16) -> (NetNs, TempDir, BackgroundProcess) {
     let bin = daemon_binary();
     let ns = NetNs::new(case);
     let dir = ok(TempDir::new("e2e-net"));
     let socket = dir.path().join("net.sock");
-
     let mut cmd = ns.command(&bin.to_string_lossy());
     cmd.arg("--socket-path")
         .arg(&socket)
@@ -327,21 +322,36 @@ fn net_case(case: &str, ring: Ring, queue_pairs: u16) {
     }
     let mut daemon = ok(BackgroundProcess::spawn("vhost-user-net", cmd));
     ok(daemon.wait_for_socket(&socket, Duration::from_secs(10)));
-    let fail = |what: &str, guest: &str, daemon: &BackgroundProcess| -> ! {
-        panic!(
-            "{case}: {what}\n----- guest log -----\n{guest}\n----- daemon log -----\n{}\n----- end -----",
-            daemon.log()
-        )
-    };
     for args in [
         &["addr", "add", "10.77.0.1/24", "dev", TAP][..],
         &["link", "set", TAP, "up"],
         &["link", "set", "lo", "up"],
     ] {
         if let Err(e) = ns.ip(args) {
-            fail(&e, "", &daemon);
+            panic!("{case}: {e}\n----- daemon log -----\n{}", daemon.log());
         }
     }
+    (ns, dir, daemon)
+}
+
+/// One VM at a time (2 shared cores; TCG is slow enough alone).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// One guest run against our daemon.
+fn net_case(case: &str, ring: Ring, queue_pairs: u16) {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let started = Instant::now();
+    let kernel = GuestKernel::locate().unwrap_or_else(|e| panic!("{e}"));
+    let (ns, dir, mut daemon) = start_daemon(case, queue_pairs);
+    let socket = dir.path().join("net.sock");
+    let fail = |what: &str, guest: &str, daemon: &BackgroundProcess| -> ! {
+        panic!(
+            "{case}: {what}\n----- guest log -----\n{guest}\n----- daemon log -----\n{}\n----- end -----",
+            daemon.log()
+        )
+    };
 
     let download = pattern(TRANSFER);
     let endpoints = spawn_endpoints(&ns, download.clone());
@@ -491,4 +501,115 @@ fn e2e_net_ping_and_transfers_packed() {
 #[test]
 fn e2e_net_two_queue_pairs() {
     net_case("mq", Ring::Split, 2);
+}
+
+/// `dpdk-testpmd` on PATH, if installed.
+fn testpmd_binary() -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_string_lossy()
+        .split(':')
+        .map(|d| PathBuf::from(d).join("dpdk-testpmd"))
+        .find(|p| p.is_file())
+}
+
+/// The first `RX-packets: N` / `TX-packets: N` of testpmd's final statistics.
+fn testpmd_count(log: &str, what: &str) -> Option<u64> {
+    let key = format!("{what}-packets:");
+    log.lines()
+        .find_map(|l| l.split_once(&key))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// The TAP's received-frames counter, read inside the namespace.
+fn tap_rx_packets(ns: &NetNs) -> u64 {
+    ns.command("cat")
+        .arg(format!("/sys/class/net/{TAP}/statistics/rx_packets"))
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// DPDK virtio_user as the frontend (testpmd in `io` mode, which sends every frame it
+/// receives back out): it handles its own config space and control queue, strips
+/// CTRL_VQ from SET_FEATURES (masked by the device), never negotiates EVENT_IDX and sends
+/// SET_VRING_CALL before SET_FEATURES. The ARP requests of a ping inside the namespace
+/// reach testpmd (receive path) and come back to the TAP (transmit path).
+fn dpdk_case(case: &str, packed: bool) {
+    let Some(testpmd) = testpmd_binary() else {
+        eprintln!("{case}: skipped: dpdk-testpmd is not installed");
+        return;
+    };
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (ns, dir, mut daemon) = start_daemon(case, 1);
+    let socket = dir.path().join("net.sock");
+    let before = tap_rx_packets(&ns);
+    // testpmd runs until its stdin (the pipe from `sleep`) ends.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "sleep 8 | exec {} --no-huge --no-pci -m 512 --no-shconf --file-prefix=vunet-{}-{case} \
+         --vdev net_virtio_user0,path={},mac={GUEST_MAC},packed_vq={} -- --forward-mode=io \
+         --total-num-mbufs=32768",
+        testpmd.display(),
+        std::process::id(),
+        socket.display(),
+        u8::from(packed)
+    ));
+    let mut pmd = ok(BackgroundProcess::spawn("dpdk-testpmd", cmd));
+    std::thread::sleep(Duration::from_secs(3));
+    // Nobody answers: the ping fails; its ARP requests are what is counted.
+    let _ = ns
+        .command("ping")
+        .args(["-c", "5", "-i", "0.3", "-W", "1", "10.77.0.2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let Some(status) = ok(pmd.wait_timeout(Duration::from_secs(30))) else {
+        panic!(
+            "{case}: testpmd did not exit\n{}\n----- daemon log -----\n{}",
+            pmd.log(),
+            daemon.log()
+        );
+    };
+    let log = pmd.log();
+    let (rx, tx) = (testpmd_count(&log, "RX"), testpmd_count(&log, "TX"));
+    let after = tap_rx_packets(&ns);
+    let alive = matches!(daemon.try_wait(), Ok(None));
+    let report = format!("{log}\n----- daemon log -----\n{}", daemon.log());
+    assert!(
+        status.success(),
+        "{case}: testpmd failed ({status})\n{report}"
+    );
+    assert!(
+        rx.unwrap_or(0) > 0,
+        "{case}: testpmd received nothing\n{report}"
+    );
+    assert!(
+        tx.unwrap_or(0) > 0,
+        "{case}: testpmd sent nothing\n{report}"
+    );
+    assert!(
+        after > before,
+        "{case}: the TAP received nothing from testpmd\n{report}"
+    );
+    assert!(alive, "{case}: the daemon exited\n{report}");
+    let (status, dlog) = ok(daemon.stop());
+    assert!(status.success(), "{case}: daemon exit {status}\n{dlog}");
+    eprintln!(
+        "{case}: testpmd RX {rx:?} TX {tx:?}, TAP received {}",
+        after - before
+    );
+    drop(ns);
+}
+
+#[test]
+fn e2e_net_dpdk_testpmd_split() {
+    dpdk_case("dpdk-split", false);
+}
+
+#[test]
+fn e2e_net_dpdk_testpmd_packed() {
+    dpdk_case("dpdk-packed", true);
 }
