@@ -207,11 +207,13 @@ impl NetQueues {
                 match tap.read(&mut self.buf) {
                     Ok(n) if n < self.hdr_len => {
                         self.metrics.record_drop(DropReason::BadHeader);
+                        self.log_failure(format_args!("the TAP returned a {n}-byte read"));
                         continue;
                     }
                     Ok(n) if n >= self.buf.len() => {
                         // Possibly truncated: never hand a partial frame to the guest.
                         self.metrics.record_drop(DropReason::TooBig);
+                        self.log_failure(format_args!("a TAP frame filled the buffer; dropped"));
                         continue;
                     }
                     Ok(n) => {
@@ -274,6 +276,9 @@ impl NetQueues {
                 // Without MRG_RXBUF a frame takes exactly one chain (§5.1.6.3.1); one
                 // that does not fit is dropped and the chain kept for the next frame.
                 self.metrics.record_drop(DropReason::TooBig);
+                self.log_failure(format_args!(
+                    "a {len}-byte frame does not fit the receive buffers; dropped"
+                ));
                 return Ok(Delivery::Done);
             }
             let Some(slot) = self.rx_chains.get_mut(self.rx_held) else {
