@@ -231,8 +231,6 @@ impl NetQueues {
                             self.metrics.record_drop(DropReason::TooBig);
                             self.log_failure(format_args!("a TAP frame was dropped: {e}"));
                         }
-                        // The queue was detached (VQ_PAIRS_SET): nothing to read.
-                        Some(libc::EBADFD) => return self.pause(ctx),
                         _ => {
                             warn!("queue pair {}: reading the TAP failed: {e}", self.pair);
                             return Err(DeviceError::Io(e));
@@ -529,13 +527,6 @@ impl QueueHandler for NetQueues {
         events: Events,
     ) -> Result<(), DeviceError> {
         if token != TAP_TOKEN {
-            return Ok(());
-        }
-        if (events.hangup || events.error) && !self.shared.is_attached(self.pair) {
-            // A detached queue of a multi-queue TAP polls as an error (unused pair,
-            // §5.1.6.5.6): drop the source; process() registers it again.
-            ctx.unregister(TAP_TOKEN);
-            self.tap_registered = false;
             return Ok(());
         }
         if events.hangup || events.error {

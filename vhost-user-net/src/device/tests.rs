@@ -642,6 +642,36 @@ fn mq_case(layout: RingLayout) {
         assert_eq!(tx.used(&mem), (id, 0));
         assert_eq!(recv_ours(&sock), f, "pair {k}");
     }
+    // Back to one pair: TAP queue 1 is detached (the kernel still takes writes on a
+    // detached queue, so a frame a driver sends on pair 1 goes out), and VQ_PAIRS_SET 2
+    // attaches it again.
+    control(&mut ctrl, &mem, 0x30_2000, &[class, cmd, 1, 0]);
+    assert!(!device.shared.is_attached(1));
+    std::thread::sleep(Duration::from_millis(20));
+    let send_on_pair1 = |tx: &mut Ring, tag: u8| {
+        let f = frame(tag, 70);
+        let mut buf = vec![0u8; 12];
+        buf.extend_from_slice(&f);
+        let at = 0x22_0000 + 0x1000 * u64::from(tag);
+        mem.mem.write_slice(&buf, GuestAddress(at)).unwrap();
+        let id = tx.add(
+            &mem,
+            &[DriverBuffer {
+                addr: at,
+                len: buf.len() as u32,
+                writable: false,
+            }],
+        );
+        assert_eq!(tx.used(&mem), (id, 0));
+        f
+    };
+    let f = send_on_pair1(&mut tx1, 0x31);
+    assert_eq!(recv_ours(&sock), f, "pair 1 while detached");
+    control(&mut ctrl, &mem, 0x30_3000, &[class, cmd, 2, 0]);
+    assert!(device.shared.is_attached(1));
+    let f = send_on_pair1(&mut tx1, 0x32);
+    assert_eq!(recv_ours(&sock), f, "pair 1 after reattaching");
+
     // VQ_PAIRS_SET 3 is out of range: VIRTIO_NET_ERR, nothing changes.
     mem.mem
         .write_slice(&[class, cmd, 3, 0], GuestAddress(0x30_1000))
@@ -677,7 +707,7 @@ fn mq_case(layout: RingLayout) {
     }
     let _ = server.join().unwrap();
     assert_eq!(device.metrics(0).unwrap().snapshot().tx_packets, 1);
-    assert_eq!(device.metrics(1).unwrap().snapshot().tx_packets, 1);
+    assert_eq!(device.metrics(1).unwrap().snapshot().tx_packets, 3);
 }
 
 #[test]
