@@ -3,7 +3,8 @@
 //! The building blocks of a virtio network device (virtio 1.2 §5.1) served over
 //! vhost-user, either in front of a host TAP interface or as a port of an in-process
 //! learning switch. Each module is pure logic (or a thin, tested wrapper of a kernel
-//! interface) that a device's queue handlers call; none depends on the vhost-user server.
+//! interface) that a device's queue handlers call; [`device`] puts them together behind
+//! virtio-core's vhost-user server.
 //!
 //! * [`features`]: the offered feature bits, the dependency rules checked on
 //!   SET_FEATURES (§5.1.3.1), the vnet header length and queue index helpers.
@@ -18,6 +19,8 @@
 //!   `readv`/`writev`.
 //! * [`switch`]: the MAC learning forwarding table of switch mode (no TAP).
 //! * [`metrics`]: per-queue counters.
+//! * [`device`]: the vhost-user device ([`NetDevice`]) in front of a TAP, with one
+//!   handler per queue pair ([`NetQueues`]).
 //!
 //! Guest and frontend input is hostile: every value they control is validated and a
 //! malformed one ends in an error value (or VIRTIO_NET_ERR on the control queue), never in
@@ -28,6 +31,7 @@
 
 pub mod config;
 pub mod ctrl;
+pub mod device;
 pub mod features;
 pub mod hdr;
 pub mod metrics;
@@ -36,6 +40,7 @@ pub mod tap;
 
 pub use config::{ConfigError, MacAddr, MacError, VirtioNetConfig};
 pub use ctrl::{CtrlOutcome, NetState};
+pub use device::{NetDevice, NetError, NetOptions, NetQueues};
 pub use features::{FeatureError, Negotiated, OfferOptions, QueueRole};
 pub use hdr::{HeaderError, VnetHeader};
 pub use metrics::{DropReason, QueueMetrics, QueueMetricsSnapshot};

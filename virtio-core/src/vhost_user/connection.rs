@@ -173,6 +173,8 @@ pub(crate) struct Connection<'a, D: Device> {
     /// SET_FEATURES was received (the ring layout is known).
     features_set: bool,
     acked_protocol: u64,
+    /// SET_PROTOCOL_FEATURES was received (protocol features negotiated).
+    protocol_features_set: bool,
     status: u8,
     memory: Option<MemoryTable>,
     inflight: Option<InflightArea>,
@@ -248,6 +250,7 @@ impl<'a, D: Device> Connection<'a, D> {
             acked_features: 0,
             features_set: false,
             acked_protocol: 0,
+            protocol_features_set: false,
             status: 0,
             memory: None,
             inflight: None,
@@ -490,6 +493,7 @@ impl<'a, D: Device> Connection<'a, D> {
                     });
                 }
                 self.acked_protocol = v;
+                self.protocol_features_set = true;
                 Ok(Reply::Ack)
             }
             req::GET_QUEUE_NUM => {
@@ -672,7 +676,12 @@ impl<'a, D: Device> Connection<'a, D> {
                 Ok(Reply::Ack)
             }
             req::SET_VRING_ENABLE => {
-                if self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+                // "Negotiated" as QEMU reads it: offered in GET_FEATURES and followed by
+                // SET_PROTOCOL_FEATURES. QEMU's vhost-user-net restores the enable state
+                // before it sends SET_FEATURES (hw/net/vhost_net.c, vhost_net_start).
+                if self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES == 0
+                    && !self.protocol_features_set
+                {
                     return Err(Error::Unsupported {
                         code,
                         name,

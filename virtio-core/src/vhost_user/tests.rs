@@ -724,6 +724,39 @@ fn raw_32bit_packed_base_status_and_reset_device() {
     t.join().unwrap().unwrap();
 }
 
+/// QEMU's vhost-user-net (hw/net/vhost_net.c, vhost_net_start) restores the rings'
+/// enable state with SET_VRING_ENABLE before SET_FEATURES: protocol features are
+/// negotiated once offered and SET_PROTOCOL_FEATURES followed, so it is accepted. Without
+/// that negotiation it is still refused (vhost-user.rst, SET_VRING_ENABLE).
+#[test]
+fn set_vring_enable_before_set_features_after_protocol_negotiation() {
+    let device = TestDevice::new(false);
+    let (raw, t) = raw_server(device.clone());
+    let _ = raw.get_u64(req::GET_FEATURES);
+    // Before SET_PROTOCOL_FEATURES (no REPLY_ACK yet): refused, which closes nothing;
+    // GET_QUEUE_NUM still answers.
+    raw.state(req::SET_VRING_ENABLE, 0, 1, false);
+    assert_eq!(raw.get_u64(req::GET_QUEUE_NUM), 2);
+    let pf = raw.get_u64(req::GET_PROTOCOL_FEATURES);
+    assert_eq!(raw.u64_req(req::SET_PROTOCOL_FEATURES, pf), 0);
+    assert_eq!(
+        ack_value(raw.state(req::SET_VRING_ENABLE, 0, 1, true)),
+        0,
+        "SET_VRING_ENABLE after protocol negotiation, before SET_FEATURES"
+    );
+    assert_eq!(ack_value(raw.state(req::SET_VRING_ENABLE, 1, 0, true)), 0);
+    assert_ne!(
+        ack_value(raw.state(req::SET_VRING_ENABLE, 0, 2, true)),
+        0,
+        "the value must be 0 or 1"
+    );
+    // RESET_DEVICE keeps the protocol features (REPLY_ACK still answers).
+    test_util::request(&raw.0, req::RESET_DEVICE, FLAG_NEED_REPLY, &[], &[], true).unwrap();
+    assert_eq!(ack_value(raw.state(req::SET_VRING_ENABLE, 0, 1, true)), 0);
+    drop(raw);
+    t.join().unwrap().unwrap();
+}
+
 #[test]
 fn invalid_requests_are_refused_without_panic() {
     let device = TestDevice::new(false);
