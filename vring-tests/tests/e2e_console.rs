@@ -32,7 +32,7 @@ const LEN: usize = 256 * 1024;
 const VM_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn pattern() -> Vec<u8> {
-    (0..LEN).map(|i| (i % 256) as u8).collect()
+    (0..LEN).map(|i| i.to_le_bytes()[0]).collect()
 }
 
 fn console_binary() -> PathBuf {
