@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The disk behind the device: a regular file or a block device.
 //!
 //! [`BlockBackend`] owns the open file and everything the device reports about it:

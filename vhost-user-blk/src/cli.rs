@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Command-line options of the block device, to be flattened into the daemon's parser
 //! (`#[command(flatten)] blk: BlockArgs`).
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-blk device model: feature bits, configuration space, and the factory of
 //! per-queue processors.
 //!

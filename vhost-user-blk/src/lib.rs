@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! # vhost-user-blk
 //!
 //! The device side of a virtio block device (virtio 1.2 §5.2), served over vhost-user by

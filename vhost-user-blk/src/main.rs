@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-user-blk`: serves a file or block device to a VM as a virtio block device over
 //! vhost-user (QEMU `-device vhost-user-blk-pci`, Cloud Hypervisor `--disk vhost_user=on`).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Per-queue counters.
 //!
 //! Each queue owns an `Arc<QueueMetrics>` that the daemon keeps (see

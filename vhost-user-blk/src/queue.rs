@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The per-queue request processor.
 //!
 //! [`BlockQueue`] is owned by the worker thread of its queue's group, and works on the

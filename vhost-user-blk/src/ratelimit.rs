@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A small log rate limiter: at most `burst` lines per second, counting the rest.
 
 use std::time::{Duration, Instant};

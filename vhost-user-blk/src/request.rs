@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Parsing one descriptor chain into a block request (§5.2.6).
 //!
 //! A request is laid out as

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end tests of the request path: requests are placed in real split and packed
 //! rings in guest memory with virtio-core's driver side, processed by [`BlockQueue`]
 //! with both engines against a temporary file, and checked from the driver's side

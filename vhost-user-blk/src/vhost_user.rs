@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The block device's vhost-user face: a [`virtio_core::vhost_user::Device`] over a
 //! [`BlockDevice`], whose queue groups ([`BlkQueues`]) each drive one [`BlockQueue`]
 //! per started queue. The daemon's `main.rs` only parses options and runs the server.

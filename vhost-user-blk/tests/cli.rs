@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon's command line, run as a program.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]

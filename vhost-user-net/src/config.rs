@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-net configuration space (virtio 1.2 §5.1.4), MAC addresses and MTU limits.
 
 use std::fmt;

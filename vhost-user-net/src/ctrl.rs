@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control virtqueue (virtio 1.2 §5.1.6.5) and the receive filter it configures.
 //!
 //! A control request is

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vhost-user face of the network device (virtio 1.2 §5.1) in front of a host TAP:
 //! [`NetDevice`] implements [`virtio_core::vhost_user::Device`] and creates one
 //! [`NetQueues`] handler per queue pair.

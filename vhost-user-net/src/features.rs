@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Feature bits: what the device offers, the dependency rules checked when the driver
 //! acknowledges them (virtio 1.2 §5.1.3.1), the vnet header length they imply (§5.1.6)
 //! and the virtqueue numbering (§5.1.2).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vnet header that starts every packet buffer (`struct virtio_net_hdr`, virtio 1.2
 //! §5.1.6): checking the driver's on transmit (§5.1.6.2), building the device's on
 //! receive (§5.1.6.4). Everything here works on the stack, without allocation.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! # vhost-user-net
 //!
 //! The building blocks of a virtio network device (virtio 1.2 §5.1) served over

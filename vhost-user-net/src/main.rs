@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `vhost-user-net`: serves a virtio network device (virtio 1.2 §5.1) to a VM over
 //! vhost-user, in front of a host TAP interface (QEMU `-netdev vhost-user`, DPDK
 //! `net_virtio_user`).

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Per-queue-pair counters.
 //!
 //! Each queue pair owns an `Arc<QueueMetrics>` that the daemon keeps, so counters survive

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Switch mode (no TAP): the forwarding table of a MAC learning switch whose ports are the
 //! daemon's vhost-user connections.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The host side of TAP mode: a Linux TAP interface (`/dev/net/tun`) with a vnet header,
 //! one non-blocking file descriptor per queue pair.
 //!

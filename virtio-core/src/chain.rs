@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Descriptor chains: the validated, flattened view of one buffer made available by the
 //! driver, independent of the ring layout it came from.
 //!

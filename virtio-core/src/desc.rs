@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Guest-visible ring layouts (virtio 1.2 §2.7 and §2.8), as `ByteValued` structures.
 //!
 //! All multi-byte fields are little-endian in guest memory (virtio 1.x, §2.4).

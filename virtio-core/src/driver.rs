@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The driver (guest) side of both ring layouts, for tests, fuzzing, benchmarks and the
 //! userspace vhost-user frontend (cargo feature `driver`).
 //!

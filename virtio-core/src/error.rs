@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Errors of ring configuration and descriptor-chain parsing.
 
 use crate::memory::MemoryError;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! # virtio-core
 //!
 //! Device-side virtqueues, split (virtio 1.2 §2.7) and packed (§2.8), over `vm-memory`

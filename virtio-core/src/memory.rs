@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A translation table from guest-physical addresses to host pointers.
 //!
 //! [`GuestMemoryView`] is built once per memory configuration (at start-up, and again

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Round trips through the driver side and the device side of both layouts.
 #![cfg(feature = "driver")]
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Device-side ring processing cost: pop + walk every descriptor to a host pointer +
 //! `add_used`, with one notification check per batch, for chains of 1, 3 and 16
 //! descriptors, on

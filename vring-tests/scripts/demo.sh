@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Boot a demo VM whose disk is served by our vhost-user-blk daemon (see README.md).
 # Installs QEMU 10 and the guest kernel on first run, builds the daemon, then runs the
 # demo; extra arguments go to demo-vm (--shell, --packed, --queues N, --image PATH).

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Bounded fuzzing of virtio-core's descriptor-chain parsing (vring-tests/fuzz, a
 # cargo-fuzz project that is not a workspace member).
 #

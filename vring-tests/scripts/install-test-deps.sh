@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Install everything the vring-tests end-to-end (real QEMU + real Linux guest)
 # tests need, on a Debian bookworm (12) machine:
 #

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # The project's whole test suite: formatting, lints, every test (unit, property,
 # differential, end-to-end against real QEMU guests, user-mode Linux and DPDK testpmd
 # as vhost-user frontends) and bounded fuzzing.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The block device's vhost-user face (`vhost_user_blk::BlkDevice`) tested in-process
 //! through virtio-core's server: the userspace frontend negotiates, sets up split and
 //! packed rings on two queues served by one worker thread (`queues_per_thread` 2, so one

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Differential property tests: virtio-core's device-side split queue against virtio-queue
 //! 0.18 (`Queue` + `pop_descriptor_chain`), both reading the same guest memory, laid out
 //! with virtio-queue's `MockSplitQueue` and raw descriptor writes.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Stopping a ring with slow I/O in flight must not stall the other rings of the same
 //! worker thread (`vhost-user-blk --queues-per-thread 2`).
 //!

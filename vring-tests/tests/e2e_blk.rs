@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end tests of the `vhost-user-blk` daemon: a real QEMU (TCG) boots
 //! a real Debian Linux guest whose `/dev/vda` is served by the daemon over
 //! vhost-user, and the guest drives it with busybox tools (plus two

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end tests of the `vhost-user-console` daemon with a real Linux
 //! `virtio_console` driver: user-mode Linux (`virtio_uml.device=SOCK:3`; QEMU 10.0 has
 //! no user-creatable generic vhost-user device) boots the busybox initramfs; the host

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end smoke test of the DPDK testpmd harness (`vring_tests::e2e::dpdk`):
 //! one testpmd serves a `net_vhost0` port (DPDK's own vhost-user backend) in
 //! `rxonly` mode, a second one drives a `net_virtio_user0` port (DPDK's

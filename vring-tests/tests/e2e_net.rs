@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end tests of the `vhost-user-net` daemon: a real QEMU (TCG) boots a real
 //! Debian Linux guest whose `eth0` (virtio-net-pci on `-netdev vhost-user`) is served
 //! by the daemon in front of a TAP.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end check of the e2e harness itself against the reference
 //! ("peer") vhost-user-blk backend, `qemu-storage-daemon`: a real QEMU (TCG)
 //! boots a real Linux guest whose virtio-blk disk is served by the daemon

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end smoke test of user-mode Linux as a vhost-user frontend: UML
 //! (Debian `user-mode-linux`) boots the busybox initramfs with
 //! `virtio_uml.device=SOCK:2`, a virtio-blk disk served by our

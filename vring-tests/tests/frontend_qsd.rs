@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The userspace vhost-user-blk frontend (`vring_tests::frontend`) against real backends.
 //!
 //! Against the reference backend, `qemu-storage-daemon`: negotiation, config space, split

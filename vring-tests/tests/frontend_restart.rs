@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Backend restarts at the protocol level: the userspace frontend
 //! (`vring_tests::frontend`) keeps its guest memory, rings and inflight area while our
 //! `vhost-user-blk` daemon is killed with SIGKILL at QD32 and started again on the same

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Notification suppression (virtio 1.2 §2.7.10, §2.8.10) of virtio-core's `Queue`:
 //!
 //! - (7) the packed DESC-mode decision (`Queue::needs_notification` with EVENT_IDX and

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! (6) Used flags (packed) and used idx (split) never become visible before the id and
 //! length of the used elements they publish (virtio 1.2 §2.7.8, §2.7.14, §2.8.22).
 //!

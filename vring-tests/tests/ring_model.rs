@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Model-based property tests of virtio-core's device-side `Queue`, split and packed.
 //!
 //! The driver is written here with raw guest memory writes (independent of

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The adaptive engine: each operation takes the cheapest path that cannot block the
 //! queue's worker on a device.
 //!

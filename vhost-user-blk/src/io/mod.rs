@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! I/O engines.
 //!
 //! A queue talks to its engine in operations (`Op`) tagged with a `user_data` (the

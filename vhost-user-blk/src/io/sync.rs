@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The synchronous engine: each operation runs inline when pushed.
 
 use std::io;

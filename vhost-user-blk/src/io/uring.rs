@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The io_uring engine: one ring per queue, with a registered completion eventfd.
 
 use std::io;

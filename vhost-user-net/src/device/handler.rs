@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The handler of one queue pair (and, for pair 0, the control queue): TAP queue k
 //! between receiveq 2k and transmitq 2k + 1.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device served by virtio-core's vhost-user server to the `vhost` crate's frontend,
 //! with virtio-core's driver side playing the guest in memfd-backed memory, in front of a
 //! TAP that exists only in a network namespace the test creates (`unshare(CLONE_NEWNET)`

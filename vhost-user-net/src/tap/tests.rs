@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! TAP tests. Those that create interfaces need root and `/dev/net/tun`; each runs in a
 //! thread of its own that first enters a new, empty network namespace
 //! (`unshare(CLONE_NEWNET)` affects only the calling thread), so every interface, socket

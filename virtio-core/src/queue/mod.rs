@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Device-side virtqueues: one [`Queue`] type over the split (§2.7) and packed (§2.8)
 //! layouts, chosen at run time from the negotiated VIRTIO_F_RING_PACKED.
 //!

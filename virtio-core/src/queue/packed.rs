@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The packed virtqueue, device side (virtio 1.2 §2.8).
 
 use std::sync::atomic::{fence, Ordering};

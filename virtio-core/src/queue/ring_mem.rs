@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Raw access to a ring area in guest memory, translated to a host pointer once per
 //! configuration.
 //!

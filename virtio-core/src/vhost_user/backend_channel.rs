@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The backend request channel (BACKEND_REQ): requests the backend sends to the frontend,
 //! here the config-change notification daemons send after e.g. a disk resize.
 

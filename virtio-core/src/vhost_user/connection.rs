@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One frontend connection: the vhost-user request state machine.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

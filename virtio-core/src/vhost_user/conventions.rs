@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Backend program conventions (vhost-user.rst, "Backend program conventions"): the
 //! options every back-end program accepts, and the `--print-capabilities` output.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What a daemon implements: a [`Device`] (features, queues, config space, reset, how
 //! queues group onto worker threads) that creates one [`QueueHandler`] per group of
 //! queues, which processes the group's [`Vring`]s and its own event sources through a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Inflight I/O tracking (vhost-user.rst, "Inflight I/O tracking").
 //!
 //! The backend records every chain it pops in a shared-memory area that the frontend keeps

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The frontend's memory table: regions mapped from the file descriptors of
 //! `SET_MEM_TABLE` / `ADD_MEM_REG`, and the [`GuestMemoryView`] built over them.
 //!

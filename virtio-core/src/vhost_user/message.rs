@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vhost-user wire format: a 12-byte header (request, flags, size), a payload of at
 //! most 4 KiB, and file descriptors passed with `SCM_RIGHTS` alongside the header.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device side of vhost-user (QEMU `docs/interop/vhost-user.rst`).
 //!
 //! All protocol mechanics live here; a daemon implements [`Device`] (features, queues,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Kick, call and error descriptors received from the frontend, made safe for a worker.
 //!
 //! # The rule: no frontend descriptor can block a worker

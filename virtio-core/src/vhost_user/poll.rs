@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Busy-poll windows of queue workers.
 //!
 //! After a ring is found empty, or completions were returned to the driver, the next

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The server: accepts frontends on a unix socket, one at a time, and serves each until it
 //! disconnects; then waits for the next one on the same socket.
 

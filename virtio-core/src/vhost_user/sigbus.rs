@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Surviving a frontend that shrinks the file behind guest memory.
 //!
 //! Guest memory is the frontend's file (memfd, /dev/shm, hugetlbfs) mapped shared. If the

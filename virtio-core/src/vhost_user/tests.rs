@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Protocol tests: the server driven by the `vhost` crate's `Frontend` (and, for requests
 //! it cannot send, raw messages), over socketpairs or a socket path, with memfd-backed
 //! guest memory that the test maps too, to play the driver.

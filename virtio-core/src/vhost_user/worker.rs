@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Queue worker threads: each serves a group of queues (one [`QueueHandler`]) with its own
 //! epoll set over the queues' kick eventfds, the handler's event sources and a command
 //! eventfd.

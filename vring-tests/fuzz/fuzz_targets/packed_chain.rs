@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Packed-ring descriptor-chain parsing (see the `vring_fuzz` crate documentation).
 #![no_main]
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The fuzz input format: a fixed header describing guest memory and the queue, then a
 //! stream of commands (memory writes by the "driver", and device operations).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The fuzz harness: builds guest memory and a virtio-core [`Queue`] from the input header,
 //! runs the command stream, and checks after every device operation that virtio-core
 //! agrees with the reference [`Model`] and keeps its invariants. Any disagreement is a

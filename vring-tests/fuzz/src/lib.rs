@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Structured fuzzing of virtio-core's descriptor-chain parsing, split and packed.
 //!
 //! An input ([`format`]) describes a small multi-region guest memory, a queue placed in it,

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A small, independent reference parser of one descriptor chain (virtio 1.2 §2.7.5,
 //! §2.7.5.3, §2.8.6, §2.8.19), written for clarity, not speed: it reads guest memory
 //! through `vm-memory`'s `Bytes` interface and checks ranges against the decoded region

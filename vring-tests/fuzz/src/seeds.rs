@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A deterministic generator of seed inputs: valid and invalid ring states for both
 //! layouts, built with virtio-core's driver side on a real guest memory whose changes are
 //! recorded as `Write` commands, and a device-side mirror so that later driver steps see

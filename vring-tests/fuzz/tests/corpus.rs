@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Replays the checked-in seed corpus and the seed generator's inputs through the harness
 //! (no libFuzzer needed), and keeps known virtio-core bugs reproducible.
 

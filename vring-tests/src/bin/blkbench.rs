@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `blkbench`: our vhost-user-blk daemon, qemu-storage-daemon and raw io_uring side by
 //! side on the same file, driven by the userspace frontend (`vring_tests::frontend`).
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `demo-vm`: boots a Linux guest under QEMU with a disk served by our `vhost-user-blk`
 //! daemon, on an embedded default: a sparse 1 GiB image created on first run under
 //! `.cache/demo/`, the Debian guest kernel and QEMU 10 installed by

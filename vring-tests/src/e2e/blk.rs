@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Helpers for the vhost-user-blk end-to-end tests (`tests/e2e_blk.rs`):
 //! locating and starting our `vhost-user-blk` daemon, a
 //! `qemu-storage-daemon` export with discard enabled, copying dynamically

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Minimal writer for the `newc` cpio format the kernel unpacks as
 //! initramfs. Deterministic: fixed inode numbers, uid/gid 0, mtime 0.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! DPDK `testpmd` (Debian `dpdk-dev`, DPDK 22.11) as a vhost-user peer: as a
 //! frontend through the `net_virtio_user` PMD (`--vdev
 //! net_virtio_user0,path=SOCK,mac=..`) and as a backend through the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Building (and caching) the busybox guest initramfs.
 
 use std::hash::Hasher;

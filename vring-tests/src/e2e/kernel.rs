@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Locating the cached guest kernel and resolving its modules.
 
 use std::collections::{HashMap, HashSet};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End-to-end test harness: a real QEMU (>= 10, TCG) booting a real Debian
 //! Linux guest from a tiny busybox initramfs, talking to a vhost-user backend
 //! over a unix socket.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Host-side helper processes: backends under test and the
 //! `qemu-storage-daemon` peer.
 

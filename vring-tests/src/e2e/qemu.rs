@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Running QEMU (TCG) with the guest kernel + initramfs and capturing the
 //! serial console.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! User-mode Linux (Debian `user-mode-linux`, Linux 6.1 as a host program) as
 //! a vhost-user frontend: its `virtio_uml` transport connects to a backend's
 //! unix socket for every `virtio_uml.device=SOCKET:DEVICE_ID` on its command

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! virtio-blk request format (virtio 1.2 §5.2.6), feature bits, configuration space
 //! layout (§5.2.4), and the data-verification pattern.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The frontend's "guest memory": one memfd mapped shared into this process, handed to
 //! the backend in SET_MEM_TABLE, and its layout (rings, request headers, data buffers).
 

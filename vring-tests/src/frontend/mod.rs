@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A userspace vhost-user-blk frontend: the driver ("guest") side of a virtio-blk
 //! device served by any vhost-user-blk backend over its unix socket, for tests and
 //! benchmarks.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One request queue of the frontend: request slots, submission, kicks and completions.
 
 use std::os::fd::AsRawFd;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user requests the `vhost` crate's frontend cannot send, written directly on the
 //! connection.
 //!

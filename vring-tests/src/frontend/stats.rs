@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Measurement helpers for benchmarks: latency percentiles and CPU time of processes and
 //! threads.
 

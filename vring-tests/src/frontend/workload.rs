@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Closed-loop workloads over the frontend's queues: random reads, random writes, and
 //! write-then-verify rounds.
 

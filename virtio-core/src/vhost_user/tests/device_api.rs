@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device API for every device type: queue groups whose handler sees all their vrings,
 //! waiting for buffers, and event sources registered, paused and resumed at run time.
 

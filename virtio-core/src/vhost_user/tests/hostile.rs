@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Hostile frontends: descriptors that would block or spin a worker, ring states that
 //! can never drain, guest memory that disappears. Each case must end with the queue or
 //! connection broken (logged), and the next frontend served promptly.

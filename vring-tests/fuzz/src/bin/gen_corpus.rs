@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Writes the seed corpus (`corpus/<target>/seed-*`) and the regression inputs
 //! (`regressions/<target>/*`) of this fuzz crate. Deterministic: running it again
 //! rewrites the same files.
