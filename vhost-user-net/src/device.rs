@@ -24,8 +24,8 @@
 //! # Backpressure
 //!
 //! Receive (TAP → guest): a frame that finds no receive buffer stays pending in the
-//! handler, the TAP is paused ([`Interest::PAUSED`]) and the handler waits for buffers
-//! ([`GroupContext::wait_for_buffers`]); the next receive-queue kick resumes the TAP.
+//! handler, the TAP is paused ([`Interest::PAUSED`](virtio_core::vhost_user::Interest::PAUSED)) and the handler waits for buffers
+//! ([`GroupContext::wait_for_buffers`](virtio_core::vhost_user::GroupContext::wait_for_buffers)); the next receive-queue kick resumes the TAP.
 //! Frames queue up in the kernel meanwhile (it drops them when the TAP queue is full).
 //! Transmit (guest → TAP): a frame the TAP refuses with EAGAIN is kept, the TAP is watched
 //! for writability and the transmit queue is throttled until then.
