@@ -47,3 +47,6 @@ pub use hdr::{HeaderError, VnetHeader};
 pub use metrics::{DropReason, QueueMetrics, QueueMetricsSnapshot};
 pub use switch::{Forward, PortId, Switch, SwitchConfig};
 pub use tap::{Tap, TapError, TapOffloads, TapQueue};
+
+#[cfg(test)]
+mod test_netns;

@@ -10,8 +10,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use std::fs::File;
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -36,7 +35,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::*;
 use crate::features::bit;
 use crate::hdr::VnetHeader;
-use crate::tap::{if_index, TUN_PATH};
+use crate::test_netns::{in_netns, packet_socket, recv_ours, send, ETHERTYPE};
 
 const QSIZE: u16 = 64;
 const MEM_SIZE: usize = 4 << 20;
@@ -44,7 +43,6 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const RING_PACKED: u64 = 1 << 34;
 const EVENT_IDX: u64 = 1 << 29;
 /// An experimental EtherType, to tell our frames from anything else on the interface.
-const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 const MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 
 fn frame(tag: u8, payload: usize) -> Vec<u8> {
@@ -53,104 +51,6 @@ fn frame(tag: u8, payload: usize) -> Vec<u8> {
     f.extend_from_slice(&ETHERTYPE);
     f.extend((0..payload).map(|i| tag.wrapping_add(i as u8)));
     f
-}
-
-/// Runs `f` in a new network namespace on a thread of its own, or skips.
-fn in_netns(f: impl FnOnce() + Send + 'static) {
-    let _ = env_logger::builder().is_test(true).try_init();
-    // SAFETY: geteuid takes no arguments and cannot fail.
-    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new(TUN_PATH).exists() {
-        eprintln!("skipped: needs root and {TUN_PATH}");
-        return;
-    }
-    let t = std::thread::spawn(move || {
-        // SAFETY: unshare takes no pointers; CLONE_NEWNET moves only this thread.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            eprintln!(
-                "skipped: unshare(CLONE_NEWNET): {}",
-                io::Error::last_os_error()
-            );
-            return;
-        }
-        f();
-    });
-    if let Err(panic) = t.join() {
-        std::panic::resume_unwind(panic);
-    }
-}
-
-fn packet_socket(name: &str) -> OwnedFd {
-    let proto = u16::try_from(libc::ETH_P_ALL).unwrap().to_be();
-    // SAFETY: socket() takes no pointers; the result is checked.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            i32::from(proto),
-        )
-    };
-    assert!(
-        raw >= 0,
-        "socket(AF_PACKET): {}",
-        io::Error::last_os_error()
-    );
-    // SAFETY: a descriptor we just opened and own.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: sockaddr_ll is plain data; all zeros is valid.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
-    addr.sll_protocol = proto;
-    addr.sll_ifindex = i32::try_from(if_index(name).unwrap()).unwrap();
-    // SAFETY: `addr` is a valid sockaddr_ll of the length passed.
-    let r = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            (&raw const addr).cast::<libc::sockaddr>(),
-            u32::try_from(size_of::<libc::sockaddr_ll>()).unwrap(),
-        )
-    };
-    assert_eq!(r, 0, "bind(AF_PACKET): {}", io::Error::last_os_error());
-    sock
-}
-
-fn wait_readable(fd: RawFd, deadline: Instant) -> bool {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let r = unsafe {
-        libc::poll(
-            &mut p,
-            1,
-            i32::try_from(left.as_millis()).unwrap_or(i32::MAX),
-        )
-    };
-    r > 0
-}
-
-/// Receives from `sock` until a frame of ours arrives.
-fn recv_ours(sock: &OwnedFd) -> Vec<u8> {
-    let deadline = Instant::now() + TIMEOUT;
-    let mut buf = vec![0u8; 4096];
-    while wait_readable(sock.as_raw_fd(), deadline) {
-        // SAFETY: `buf` is writable for its length during the call.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if let Ok(n) = usize::try_from(n) {
-            if buf.get(12..14) == Some(&ETHERTYPE[..]) {
-                return buf[..n].to_vec();
-            }
-        }
-    }
-    panic!("no frame of ours on the TAP");
-}
-
-fn send_frame(sock: &OwnedFd, f: &[u8]) {
-    // SAFETY: `f` is readable for its length during the call.
-    let n = unsafe { libc::send(sock.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-    assert_eq!(n, f.len() as isize, "send: {}", io::Error::last_os_error());
 }
 
 struct GuestMem {
@@ -396,7 +296,7 @@ fn case(layout: RingLayout, mrg_rxbuf: bool) {
 
     // RX: a frame that arrives before any buffer waits for one (no loss, no spin).
     let first = frame(0x40, 300);
-    send_frame(&sock, &first);
+    send(&sock, &first);
     std::thread::sleep(Duration::from_millis(50));
     rx.assert_no_used(&mem);
     let (buf_len, nbufs) = if mrg_rxbuf {
@@ -441,7 +341,7 @@ fn case(layout: RingLayout, mrg_rxbuf: bool) {
 
     // A second frame lands in the buffers left.
     let second = frame(0x80, 60);
-    send_frame(&sock, &second);
+    send(&sock, &second);
     let (id, len) = rx.used(&mem);
     assert_eq!(id, posted[chains].0);
     assert_eq!(len as usize, 12 + second.len());
@@ -454,10 +354,10 @@ fn case(layout: RingLayout, mrg_rxbuf: bool) {
     // A multicast frame is filtered (NOMULTI), a broadcast one after it delivered.
     let mut multi = frame(0x90, 60);
     multi[..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
-    send_frame(&sock, &multi);
+    send(&sock, &multi);
     if mrg_rxbuf {
         let third = frame(0xa0, 60);
-        send_frame(&sock, &third);
+        send(&sock, &third);
         let (id, _) = rx.used(&mem);
         let k = posted.iter().position(|p| p.0 == id).unwrap();
         let mut b = vec![0u8; third.len()];
@@ -486,9 +386,9 @@ fn case(layout: RingLayout, mrg_rxbuf: bool) {
                 writable: true,
             }],
         );
-        send_frame(&sock, &frame(0xb0, 300));
+        send(&sock, &frame(0xb0, 300));
         let small = frame(0xc0, 60);
-        send_frame(&sock, &small);
+        send(&sock, &small);
         assert_eq!(rx.used(&mem), (id, 12 + small.len() as u32));
         let mut b = vec![0u8; small.len()];
         mem.mem
