@@ -15,7 +15,8 @@ use std::process::{Command, ExitCode};
 
 use clap::Parser;
 use vring_tests::e2e::blk::spawn_vhost_user_blk;
-use vring_tests::e2e::{cache_dir, GuestKernel, Initramfs, QemuVm, TempDir};
+use vring_tests::e2e::netns::NetNs;
+use vring_tests::e2e::{cache_dir, repo_root, GuestKernel, Initramfs, QemuVm, TempDir};
 
 #[derive(Parser, Debug)]
 #[command(about = "Boot a demo VM with a vhost-user-blk disk served by our daemon")]
@@ -32,6 +33,10 @@ struct Args {
     /// Drop into an interactive shell in the guest instead of the scripted demo.
     #[arg(long)]
     shell: bool,
+    /// No NIC (by default, as root, the guest gets a virtio-net NIC served by our
+    /// vhost-user-net daemon on a TAP inside a network namespace of its own).
+    #[arg(long)]
+    no_net: bool,
 }
 
 const DEMO_SCRIPT: &str = r#"
@@ -47,12 +52,47 @@ echo 3 > /proc/sys/vm/drop_caches
 dd if=/dev/vda of=/tmp/back bs=1M count=4 2>/dev/null || exit 1
 cmp /tmp/pattern /tmp/back || exit 1
 echo "wrote, read back and verified 4 MiB: $(md5sum /tmp/back | cut -d' ' -f1)"
+if ip link show eth0 >/dev/null 2>&1; then
+  echo "== vhost-user-net: eth0 $(cat /sys/class/net/eth0/address), TAP 10.78.0.1 in the demo's network namespace =="
+  ip addr add 10.78.0.2/24 dev eth0
+  ip link set eth0 up
+  ping -c 3 -W 10 10.78.0.1 || exit 1
+fi
 "#;
 
 const SHELL_SCRIPT: &str = r#"
 echo "== vhost-user-blk demo: /dev/vda is served by vhost-user-blk; 'poweroff -f' to leave =="
 setsid cttyhack sh
 "#;
+
+/// Starts our vhost-user-net daemon inside a new network namespace on TAP `vudemo0`
+/// (10.78.0.1/24), listening on `<tmp>/net.sock`.
+fn start_net(
+    tmp: &TempDir,
+) -> Result<(NetNs, vring_tests::e2e::BackgroundProcess, PathBuf), String> {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("a TAP in a network namespace needs root".into());
+    }
+    let bin = repo_root().join("target/release/vhost-user-net");
+    if !bin.is_file() {
+        return Err(format!("{} is not built", bin.display()));
+    }
+    let ns = NetNs::create("vudemo", "net")?;
+    let sock = tmp.path().join("net.sock");
+    let mut cmd = ns.command(&bin.to_string_lossy());
+    cmd.arg("--socket-path")
+        .arg(&sock)
+        .args(["--tap", "vudemo0", "--mac", "52:54:00:de:00:02"]);
+    let mut daemon = vring_tests::e2e::BackgroundProcess::spawn("vhost-user-net", cmd)
+        .map_err(|e| e.to_string())?;
+    daemon
+        .wait_for_socket(&sock, std::time::Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    ns.ip(&["addr", "add", "10.78.0.1/24", "dev", "vudemo0"])?;
+    ns.ip(&["link", "set", "vudemo0", "up"])?;
+    Ok((ns, daemon, sock))
+}
 
 fn run(args: Args) -> Result<(), String> {
     let image = match args.image {
@@ -80,7 +120,7 @@ fn run(args: Args) -> Result<(), String> {
         DEMO_SCRIPT
     };
     let initrd = Initramfs::new(&kernel)
-        .modules(&["virtio_blk"])
+        .modules(&["virtio_blk", "virtio_net"])
         .script(script)
         .build()
         .map_err(|e| e.to_string())?;
@@ -97,10 +137,34 @@ fn run(args: Args) -> Result<(), String> {
     if args.packed {
         device.push_str(",packed=on");
     }
-    let vm = QemuVm::new(&kernel, &initrd)
+    let mut vm = QemuVm::new(&kernel, &initrd)
         .smp(u32::from(args.queues))
         .chardev_socket("c0", &sock)
         .device(&device);
+    // The NIC: our net daemon on a TAP inside a namespace of the demo's own (needs root);
+    // kept alive (namespace and daemon) until QEMU exits.
+    let _net = if args.no_net {
+        None
+    } else {
+        match start_net(&tmp) {
+            Ok((ns, daemon, net_sock)) => {
+                vm = vm
+                    .chardev_socket("n0c", &net_sock)
+                    .args(["-netdev", "vhost-user,id=n0,chardev=n0c"])
+                    .device("virtio-net-pci,netdev=n0,mac=52:54:00:de:00:02");
+                println!(
+                    "net: vhost-user-net --socket-path {} --tap vudemo0 in network namespace {}",
+                    net_sock.display(),
+                    ns.name()
+                );
+                Some((ns, daemon))
+            }
+            Err(e) => {
+                println!("net: no NIC ({e})");
+                None
+            }
+        }
+    };
     println!(
         "daemon: vhost-user-blk --socket-path {} {}",
         sock.display(),

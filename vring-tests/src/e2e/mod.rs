@@ -50,6 +50,7 @@ mod cpio;
 pub mod dpdk;
 mod initramfs;
 mod kernel;
+pub mod netns;
 mod process;
 mod qemu;
 pub mod uml;
