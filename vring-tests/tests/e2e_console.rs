@@ -11,6 +11,9 @@
 //! - two ports (VIRTIO_CONSOLE_F_MULTIPORT): the guest finds the named port under
 //!   `/sys/class/virtio-ports/*/name`, and 256 KiB go through it each way.
 //!
+//! - two VMs at once on one daemon (`--count 2`): each writes its own pattern to its
+//!   `/dev/hvc0`, and the host reads each from its own socket, byte for byte.
+//!
 //! UML negotiates the packed ring (it is offered); the split ring is covered by the
 //! in-process tests of `vhost-user-console`. Needs the daemon built
 //! (`cargo build --release -p vhost-user-console`, or `$E2E_VHOST_USER_CONSOLE`) and
@@ -50,11 +53,23 @@ fn console_binary() -> PathBuf {
 }
 
 fn spawn_daemon(sock: &Path, ports: &[String]) -> BackgroundProcess {
+    spawn_daemon_with(sock, ports, &[], &[sock.to_path_buf()])
+}
+
+/// Starts the daemon on `sock` (a pattern with `--count`) with `ports` and `extra`
+/// options, and waits for every socket in `wait_for`.
+fn spawn_daemon_with(
+    sock: &Path,
+    ports: &[String],
+    extra: &[&str],
+    wait_for: &[PathBuf],
+) -> BackgroundProcess {
     let mut cmd = Command::new(console_binary());
     // A size offers VIRTIO_CONSOLE_F_SIZE (a socket has none of its own).
     cmd.arg("--socket-path")
         .arg(sock)
-        .args(["--cols", "80", "--rows", "24"]);
+        .args(["--cols", "80", "--rows", "24"])
+        .args(extra);
     for p in ports {
         cmd.arg("--port").arg(p);
     }
@@ -63,9 +78,17 @@ fn spawn_daemon(sock: &Path, ports: &[String]) -> BackgroundProcess {
     }
     let mut d =
         BackgroundProcess::spawn("vhost-user-console", cmd).unwrap_or_else(|e| panic!("{e}"));
-    d.wait_for_socket(sock, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{e}"));
+    for s in wait_for {
+        d.wait_for_socket(s, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     d
+}
+
+/// `pattern()` rotated left by `by` bytes.
+fn rotated_pattern(by: usize) -> Vec<u8> {
+    let p = pattern();
+    [&p[by..], &p[..by]].concat()
 }
 
 /// Connects to a port's socket once the daemon created it.
@@ -271,4 +294,105 @@ cmp /tmp/pat /tmp/back || fail "the bytes the host sent through the named port a
             .map_err(|e| format!("writing to the named port: {e}"))
     });
     drop(con_client);
+}
+
+#[test]
+fn one_daemon_serves_two_vms_at_once() {
+    const VMS: usize = 2;
+    let tmp = TempDir::new("ucon3").unwrap();
+    let sock_pattern = tmp.path().join("vcon%d.sock");
+    let port_pattern = tmp.path().join("con%d");
+    let socks: Vec<PathBuf> = (0..VMS)
+        .map(|i| tmp.path().join(format!("vcon{i}.sock")))
+        .collect();
+    let ports: Vec<PathBuf> = (0..VMS)
+        .map(|i| tmp.path().join(format!("con{i}")))
+        .collect();
+    let mut daemon = spawn_daemon_with(
+        &sock_pattern,
+        &[format!("socket={}", port_pattern.display())],
+        &["--count", "2"],
+        &socks,
+    );
+    let kernel = uml_kernel().unwrap_or_else(|e| panic!("{e}"));
+    // VM i writes the pattern rotated by 37 * i bytes: each its own bytes.
+    let rotation = |i: usize| 37 * i;
+    let mut vms = Vec::new();
+    let mut readers = Vec::new();
+    for i in 0..VMS {
+        let by = rotation(i);
+        let script = format!(
+            r#"{pat}
+test -c /dev/hvc0 || fail "no /dev/hvc0"
+exec 3<>/dev/hvc0
+stty raw -echo <&3
+step "vm {i}: guest -> host"
+{{ tail -c +{from} /tmp/pat; head -c {by} /tmp/pat; }} >&3
+"#,
+            pat = guest_pattern(),
+            from = by + 1,
+        );
+        let initrd = Initramfs::new(&kernel)
+            .modules(&["virtio_console"])
+            .script(format!("{SCRIPT_PRELUDE}set -e\n{script}step done\n"))
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut client = connect(&ports[i]);
+        readers.push(std::thread::spawn(move || {
+            read_exact_timeout(&mut client, LEN).and_then(|got| {
+                if got == rotated_pattern(by) {
+                    Ok(())
+                } else {
+                    let at = got
+                        .iter()
+                        .zip(rotated_pattern(by))
+                        .position(|(a, b)| *a != b)
+                        .unwrap_or(0);
+                    Err(format!(
+                        "vm {i}: its output differs from its pattern at byte {at}"
+                    ))
+                }
+            })
+        }));
+        let vm = UmlVm::new(&kernel, &initrd)
+            .virtio_console(&socks[i])
+            .timeout(VM_TIMEOUT)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        vms.push((vm, initrd));
+    }
+    let mut failures = Vec::new();
+    for (i, r) in readers.into_iter().enumerate() {
+        match r.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("vm {i} host side: {e}")),
+            Err(_) => failures.push(format!("vm {i}: the reader panicked")),
+        }
+    }
+    let mut logs = String::new();
+    for (i, (vm, _initrd)) in vms.into_iter().enumerate() {
+        match vm.wait() {
+            Ok(out) => {
+                if !out.success() {
+                    failures.push(format!("vm {i}: E2E-EXIT={}", out.exit_code));
+                }
+                logs += &format!("----- guest {i} -----\n{}\n", out.log);
+            }
+            Err(e) => {
+                failures.push(format!("vm {i}: UML run failed: {e}"));
+                logs += &format!("----- guest {i} -----\n{}\n", e.log().unwrap_or(""));
+            }
+        }
+    }
+    // Still serving both: SIGTERM is the caller's (BackgroundProcess) business.
+    let still_running = daemon.try_wait().map(|s| s.is_none()).unwrap_or(false);
+    if !still_running {
+        failures.push("the daemon exited".into());
+    }
+    assert!(
+        failures.is_empty(),
+        "{}\n{logs}----- vhost-user-console log -----\n{}\n----- end -----",
+        failures.join("\n"),
+        daemon.log()
+    );
 }
