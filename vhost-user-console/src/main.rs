@@ -79,6 +79,11 @@ struct Options {
     #[arg(long, default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=256))]
     count: u32,
+    /// Do not offer VIRTIO_F_RING_PACKED: the frontend gets the split ring. For testing
+    /// the split layout with a frontend that prefers packed (user-mode Linux), and for
+    /// frontends that mishandle packed rings.
+    #[arg(long)]
+    no_packed: bool,
 }
 
 fn run() -> Result<(), String> {
@@ -150,7 +155,11 @@ fn run() -> Result<(), String> {
             info!("{vm}port {id}: {location}");
         }
         let winch = ports.stdio_winch_flag();
-        let device = Arc::new(ConsoleDevice::new(ports).map_err(|e| format!("{vm}{e}"))?);
+        let device = Arc::new(
+            ConsoleDevice::new(ports)
+                .map_err(|e| format!("{vm}{e}"))?
+                .with_packed_ring(!options.no_packed),
+        );
         if let Some(path) = &conventions.socket_path {
             info!("{vm}frontend socket {}", path.display());
         }

@@ -14,8 +14,9 @@
 //! - two VMs at once on one daemon (`--count 2`): each writes its own pattern to its
 //!   `/dev/hvc0`, and the host reads each from its own socket, byte for byte.
 //!
-//! UML negotiates the packed ring (it is offered); the split ring is covered by the
-//! in-process tests of `vhost-user-console`. Needs the daemon built
+//! UML negotiates the packed ring when it is offered; the single-port case runs twice,
+//! on the packed ring and on the split ring (`--no-packed`), and the guest checks the
+//! negotiated VIRTIO_F_RING_PACKED in `/sys/bus/virtio/devices/*/features`. Needs the daemon built
 //! (`cargo build --release -p vhost-user-console`, or `$E2E_VHOST_USER_CONSOLE`) and
 //! what `vring-tests/scripts/install-test-deps.sh` installs.
 
@@ -183,11 +184,28 @@ fn run_case(
 }
 
 #[test]
-fn console_port_carries_every_byte_value_both_ways_and_resizes() {
-    let tmp = TempDir::new("ucon1").unwrap();
+fn console_port_carries_every_byte_value_both_ways_and_resizes_packed() {
+    console_case(true);
+}
+
+#[test]
+fn console_port_carries_every_byte_value_both_ways_and_resizes_split() {
+    console_case(false);
+}
+
+/// The single-port case, on the packed ring (offered, UML takes it) or the split ring
+/// (`--no-packed`); the guest checks the negotiated bit 34 (VIRTIO_F_RING_PACKED).
+fn console_case(packed: bool) {
+    let tmp = TempDir::new(if packed { "ucon1p" } else { "ucon1s" }).unwrap();
     let sock = tmp.path().join("vcon.sock");
     let port = tmp.path().join("con0");
-    let daemon = spawn_daemon(&sock, &[format!("socket={}", port.display())]);
+    let extra: &[&str] = if packed { &[] } else { &["--no-packed"] };
+    let daemon = spawn_daemon_with(
+        &sock,
+        &[format!("socket={}", port.display())],
+        extra,
+        std::slice::from_ref(&sock),
+    );
     let mut client = connect(&port);
     let case = Case {
         _tmp: tmp,
@@ -197,6 +215,9 @@ fn console_port_carries_every_byte_value_both_ways_and_resizes() {
     let script = format!(
         r#"{pat}
 test -c /dev/hvc0 || fail "no /dev/hvc0"
+f=$(cat /sys/bus/virtio/devices/*/features)
+[ "$(echo "$f" | cut -c 35)" = {packed_bit} ] || fail "features $f: RING_PACKED (bit 34) is not {packed_bit}"
+step "features $f"
 exec 3<>/dev/hvc0
 stty raw -echo <&3
 step "guest -> host"
@@ -214,7 +235,8 @@ while [ "$(stty size <&3 2>&1)" != "33 101" ]; do
 done
 step "size $(stty size <&3)"
 "#,
-        pat = guest_pattern()
+        pat = guest_pattern(),
+        packed_bit = u8::from(packed),
     );
     run_case(&case, &script, |vm| {
         let got = read_exact_timeout(&mut client, LEN)?;
