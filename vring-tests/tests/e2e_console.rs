@@ -9,7 +9,8 @@
 //!   then a resize request on the socket reaches the guest (`stty size` on `/dev/hvc0`,
 //!   through the config space and a config-change message);
 //! - two ports (VIRTIO_CONSOLE_F_MULTIPORT): the guest finds the named port under
-//!   `/sys/class/virtio-ports/*/name`, and 256 KiB go through it each way.
+//!   `/sys/class/virtio-ports/*/name`, and 256 KiB go through it each way; the guest
+//!   opening and closing it is logged by the daemon (checked in its log);
 //!
 //! - two VMs at once on one daemon (`--count 2`): each writes its own pattern to its
 //!   `/dev/hvc0`, and the host reads each from its own socket, byte for byte.
@@ -301,6 +302,9 @@ cat /tmp/pat >&4
 echo E2E-H2G-READY
 head -c {LEN} <&4 > /tmp/back
 cmp /tmp/pat /tmp/back || fail "the bytes the host sent through the named port arrived changed"
+exec 4>&-
+step "named port closed"
+echo E2E-CLOSED
 "#,
         pat = guest_pattern()
     );
@@ -313,7 +317,27 @@ cmp /tmp/pat /tmp/back || fail "the bytes the host sent through the named port a
             .map_err(|e| e.to_string())?;
         data_client
             .write_all(&pattern())
-            .map_err(|e| format!("writing to the named port: {e}"))
+            .map_err(|e| format!("writing to the named port: {e}"))?;
+        vm.wait_for_output("E2E-CLOSED", VM_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        // The daemon logs the guest's PORT_OPEN 1 and 0 for the named port, in order.
+        let opened = "console port 1 (org.vhost.test): opened by the guest";
+        let closed = "console port 1 (org.vhost.test): closed by the guest";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = case.daemon.log();
+            if let (Some(o), Some(c)) = (log.find(opened), log.find(closed)) {
+                return if o < c {
+                    Ok(())
+                } else {
+                    Err("the daemon logged the close before the open".into())
+                };
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("the daemon did not log `{opened}` and `{closed}`"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     });
     drop(con_client);
 }
