@@ -11,6 +11,8 @@
 //! - two ports (VIRTIO_CONSOLE_F_MULTIPORT): the guest finds the named port under
 //!   `/sys/class/virtio-ports/*/name`, and 256 KiB go through it each way; the guest
 //!   opening and closing it is logged by the daemon (checked in its log);
+//! - two ports, the console port's size: the initial `--cols/--rows` and a resize
+//!   request on its socket reach `stty size` on `/dev/hvc0` (RESIZE control messages);
 //!
 //! - two VMs at once on one daemon (`--count 2`): each writes its own pattern to its
 //!   `/dev/hvc0`, and the host reads each from its own socket, byte for byte.
@@ -441,4 +443,55 @@ step "vm {i}: guest -> host"
         failures.join("\n"),
         daemon.log()
     );
+}
+
+/// With multiport the console port's size comes in RESIZE control messages (cols, then
+/// rows): the `--cols/--rows` size sent after PORT_READY (CONSOLE_PORT, PORT_NAME,
+/// RESIZE, PORT_OPEN), then a socket client's resize request.
+#[test]
+fn multiport_console_port_resizes() {
+    let tmp = TempDir::new("ucon4").unwrap();
+    let sock = tmp.path().join("vcon.sock");
+    let con = tmp.path().join("con0");
+    let data = tmp.path().join("port1");
+    let daemon = spawn_daemon(
+        &sock,
+        &[
+            format!("name=console,socket={},console", con.display()),
+            format!("name=org.vhost.test,socket={}", data.display()),
+        ],
+    );
+    let mut con_client = connect(&con);
+    let data_client = connect(&data);
+    let case = Case {
+        _tmp: tmp,
+        daemon,
+        sock,
+    };
+    let script = r#"
+test -c /dev/hvc0 || fail "no /dev/hvc0"
+exec 3<>/dev/hvc0
+stty raw -echo <&3
+i=0
+while [ "$(stty size <&3 2>&1)" != "24 80" ]; do
+    i=$((i+1)); [ $i -lt 100 ] || fail "the initial console size is $(stty size <&3 2>&1), not 24 80"
+    usleep 50000
+done
+step "initial size $(stty size <&3)"
+echo E2E-RESIZE-READY
+i=0
+while [ "$(stty size <&3 2>&1)" != "33 101" ]; do
+    i=$((i+1)); [ $i -lt 100 ] || fail "the console size is $(stty size <&3 2>&1), not 33 101"
+    usleep 50000
+done
+step "size $(stty size <&3)"
+"#;
+    run_case(&case, script, |vm| {
+        vm.wait_for_output("E2E-RESIZE-READY", VM_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        con_client
+            .write_all(b"\x1b]vhost-resize;101;33\x07")
+            .map_err(|e| format!("sending the resize: {e}"))
+    });
+    drop(data_client);
 }
