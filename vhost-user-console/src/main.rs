@@ -163,13 +163,23 @@ fn run() -> Result<(), String> {
         if let Some(path) = &conventions.socket_path {
             info!("{vm}frontend socket {}", path.display());
         }
-        let socket = conventions.into_socket().map_err(|e| format!("{vm}{e}"))?;
         let mut config = config.clone();
-        if count > 1 {
-            config.thread_name = format!("vcon{index}");
+        let server = match (count > 1, conventions.socket_path) {
+            // Several VMs: sockets the daemon made, removed when it exits.
+            (true, Some(path)) => {
+                config.thread_name = format!("vcon{index}");
+                Server::bind(&path, Arc::clone(&device), config)
+            }
+            (_, socket_path) => {
+                let conventions = BackendArgs {
+                    socket_path,
+                    ..conventions
+                };
+                let socket = conventions.into_socket().map_err(|e| format!("{vm}{e}"))?;
+                Server::new(socket, Arc::clone(&device), config)
+            }
         }
-        let server =
-            Server::new(socket, Arc::clone(&device), config).map_err(|e| format!("{vm}{e}"))?;
+        .map_err(|e| format!("{vm}{e}"))?;
         if let Err(e) = device.set_config_notifier(server.config_notifier()) {
             warn!("{vm}console size changes will not reach a single-port guest: {e}");
         }
@@ -238,7 +248,23 @@ fn serve_all(servers: Vec<(String, Server<ConsoleDevice>)>) -> Result<(), String
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // The thread name says which VM a line is about with --count (`vcon<i>-q0` workers,
+    // `vcon-server<i>` connections).
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            use std::io::Write;
+            let thread = std::thread::current();
+            writeln!(
+                buf,
+                "[{} {} {} {}] {}",
+                buf.timestamp(),
+                record.level(),
+                record.target(),
+                thread.name().unwrap_or("?"),
+                record.args()
+            )
+        })
+        .init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

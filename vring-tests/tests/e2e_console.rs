@@ -15,7 +15,8 @@
 //!   request on its socket reach `stty size` on `/dev/hvc0` (RESIZE control messages);
 //!
 //! - two VMs at once on one daemon (`--count 2`): each writes its own pattern to its
-//!   `/dev/hvc0`, and the host reads each from its own socket, byte for byte.
+//!   `/dev/hvc0`, and the host reads each from its own socket, byte for byte; then one
+//!   SIGTERM stops the daemon cleanly;
 //!
 //! UML negotiates the packed ring when it is offered; the single-port case runs twice,
 //! on the packed ring and on the split ring (`--no-packed`), and the guest checks the
@@ -432,16 +433,22 @@ step "vm {i}: guest -> host"
             }
         }
     }
-    // Still serving both: SIGTERM is the caller's (BackgroundProcess) business.
     let still_running = daemon.try_wait().map(|s| s.is_none()).unwrap_or(false);
     if !still_running {
-        failures.push("the daemon exited".into());
+        failures.push("the daemon exited before SIGTERM".into());
+    }
+    // One SIGTERM stops every server: a clean exit within `stop`'s 5 s, not its SIGKILL.
+    let (status, log) = match daemon.stop() {
+        Ok(r) => r,
+        Err(e) => panic!("stopping the daemon: {e}\n{logs}"),
+    };
+    if !status.success() {
+        failures.push(format!("after SIGTERM the daemon ended with {status}"));
     }
     assert!(
         failures.is_empty(),
-        "{}\n{logs}----- vhost-user-console log -----\n{}\n----- end -----",
+        "{}\n{logs}----- vhost-user-console log -----\n{log}\n----- end -----",
         failures.join("\n"),
-        daemon.log()
     );
 }
 
