@@ -207,6 +207,43 @@ pub enum CliError {
     /// Two ports logging to the same file.
     #[error("ports {0} and {1} both log to {2}")]
     DuplicateLog(u32, u32, PathBuf),
+    /// Several VMs (`--count`) and a stdio port: there is one stdin.
+    #[error("port {0} uses stdio, which several VMs (--count) cannot share")]
+    StdioWithVms(u32),
+    /// Several VMs (`--count`) and a path without `%d`: the VMs would share it.
+    #[error("with several VMs (--count) the {0} path {1} needs a %d (replaced by the VM index)")]
+    SharedPath(&'static str, PathBuf),
+}
+
+/// The placeholder replaced by the VM index in per-VM paths (`--count`).
+pub const VM_INDEX_PLACEHOLDER: &str = "%d";
+
+/// `path` with every `%d` replaced by `index` (the path of VM `index`, `--count`).
+pub fn vm_path(path: &std::path::Path, index: u32) -> PathBuf {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let bytes = path.as_os_str().as_bytes();
+    let needle = VM_INDEX_PLACEHOLDER.as_bytes();
+    let digits = index.to_string();
+    let mut out = Vec::with_capacity(bytes.len() + digits.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i..].starts_with(needle) {
+            out.extend_from_slice(digits.as_bytes());
+            i += needle.len();
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+fn has_placeholder(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str()
+        .as_bytes()
+        .windows(VM_INDEX_PLACEHOLDER.len())
+        .any(|w| w == VM_INDEX_PLACEHOLDER.as_bytes())
 }
 
 /// Console device options.
@@ -305,6 +342,45 @@ impl ConsoleArgs {
         Ok(ports)
     }
 
+    /// Checks that the ports can be given to `count` VMs (`--count`): with more than one,
+    /// no stdio port and a `%d` in every socket and log path.
+    pub fn check_vms(&self, count: u32) -> Result<(), CliError> {
+        if count <= 1 {
+            return Ok(());
+        }
+        for p in self.resolve_ports()? {
+            if p.spec.host == HostKind::Stdio {
+                return Err(CliError::StdioWithVms(p.id));
+            }
+            if let HostKind::Socket(path) = &p.spec.host {
+                if !has_placeholder(path) {
+                    return Err(CliError::SharedPath("socket", path.clone()));
+                }
+            }
+            if let Some(path) = &p.spec.log {
+                if !has_placeholder(path) {
+                    return Err(CliError::SharedPath("log", path.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The options of VM `index` of several (`--count`): `%d` in every socket and log
+    /// path replaced by `index` ([`vm_path`]).
+    pub fn for_vm(&self, index: u32) -> ConsoleArgs {
+        let mut args = self.clone();
+        for p in &mut args.ports {
+            if let HostKind::Socket(path) = &p.host {
+                p.host = HostKind::Socket(vm_path(path, index));
+            }
+            if let Some(log) = &p.log {
+                p.log = Some(vm_path(log, index));
+            }
+        }
+        args
+    }
+
     /// The control state machine's view of the ports ([`crate::ControlState::new`]).
     pub fn port_configs(&self) -> Result<Vec<PortConfig>, CliError> {
         Ok(self
@@ -323,6 +399,7 @@ impl ConsoleArgs {
 mod tests {
     use super::*;
     use clap::Parser;
+    use std::path::Path;
 
     #[derive(Parser, Debug)]
     struct Cli {
@@ -450,6 +527,35 @@ mod tests {
             help.contains("[name=NAME,](pty|socket=PATH|stdio)[,log=PATH][,console]"),
             "{help}"
         );
+    }
+
+    #[test]
+    fn per_vm_paths_replace_the_placeholder() {
+        assert_eq!(
+            vm_path(Path::new("/t/c%d.sock"), 3),
+            Path::new("/t/c3.sock")
+        );
+        assert_eq!(vm_path(Path::new("/t/%d/%d"), 12), Path::new("/t/12/12"));
+        assert_eq!(vm_path(Path::new("/t/plain"), 1), Path::new("/t/plain"));
+        let a = parse(&["--port", "socket=/t/c%d,log=/t/l%d", "--port", "pty"]).unwrap();
+        assert_eq!(a.check_vms(2), Ok(()));
+        let b = a.for_vm(1);
+        assert_eq!(b.ports[0].host, HostKind::Socket("/t/c1".into()));
+        assert_eq!(b.ports[0].log, Some("/t/l1".into()));
+        assert_eq!(b.ports[1].host, HostKind::Pty);
+        let a = parse(&["--port", "socket=/t/c"]).unwrap();
+        assert_eq!(a.check_vms(1), Ok(()));
+        assert_eq!(
+            a.check_vms(2),
+            Err(CliError::SharedPath("socket", "/t/c".into()))
+        );
+        let a = parse(&["--port", "pty,log=/t/l"]).unwrap();
+        assert_eq!(
+            a.check_vms(2),
+            Err(CliError::SharedPath("log", "/t/l".into()))
+        );
+        let a = parse(&["--port", "stdio"]).unwrap();
+        assert_eq!(a.check_vms(2), Err(CliError::StdioWithVms(0)));
     }
 
     #[test]

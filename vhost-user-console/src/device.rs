@@ -20,7 +20,8 @@
 //!
 //! ## Features (§5.3.3)
 //!
-//! VIRTIO_F_VERSION_1, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX and
+//! VIRTIO_F_VERSION_1, VIRTIO_F_RING_PACKED (unless
+//! [`ConsoleDevice::with_packed_ring`]`(false)`, `--no-packed`), VIRTIO_RING_F_EVENT_IDX and
 //! VIRTIO_RING_F_INDIRECT_DESC; VIRTIO_CONSOLE_F_SIZE when a size is known
 //! (`--cols/--rows` or the size of port 0's host side); VIRTIO_CONSOLE_F_MULTIPORT only
 //! when more than one port is configured (a single console then needs no control queues,
@@ -281,6 +282,8 @@ pub struct ConsoleDevice {
     pub(crate) emerg_event: Arc<EventFd>,
     /// Asks the notifier thread for a config-change message (non-multiport resize).
     pub(crate) config_changed: Mutex<Option<SyncSender<()>>>,
+    /// Whether VIRTIO_F_RING_PACKED is offered.
+    ring_packed: bool,
 }
 
 impl ConsoleDevice {
@@ -305,7 +308,16 @@ impl ConsoleDevice {
             num_queues,
             emerg_event: Arc::new(emerg_event),
             config_changed: Mutex::new(None),
+            ring_packed: true,
         })
+    }
+
+    /// Whether to offer VIRTIO_F_RING_PACKED (the default: yes). `false` leaves the
+    /// frontend the split ring only: for testing the split layout with a frontend that
+    /// prefers packed (user-mode Linux), and for frontends that mishandle packed rings.
+    pub fn with_packed_ring(mut self, offer: bool) -> Self {
+        self.ring_packed = offer;
+        self
     }
 
     /// Whether VIRTIO_CONSOLE_F_MULTIPORT is offered (more than one port).
@@ -353,8 +365,13 @@ impl Device for ConsoleDevice {
     type Handler = ConsoleQueues;
 
     fn features(&self) -> u64 {
+        let packed = if self.ring_packed {
+            VIRTIO_F_RING_PACKED
+        } else {
+            0
+        };
         VIRTIO_F_VERSION_1
-            | VIRTIO_F_RING_PACKED
+            | packed
             | VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_RING_F_INDIRECT_DESC
             | lock(&self.config).features()

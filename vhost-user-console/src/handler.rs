@@ -166,6 +166,8 @@ pub struct ConsoleQueues {
     scratch: Box<[u8]>,
     sources_registered: bool,
     control_errors: u64,
+    /// Port names for the log (`(unnamed)` for ports without one), by port number.
+    port_names: Vec<(u32, String)>,
 }
 
 impl std::fmt::Debug for ConsoleQueues {
@@ -215,6 +217,17 @@ impl ConsoleQueues {
             scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
             sources_registered: false,
             control_errors: 0,
+            port_names: device
+                .port_configs
+                .iter()
+                .map(|c| {
+                    let name = c.name.as_deref().map_or_else(
+                        || "(unnamed)".to_owned(),
+                        |n| String::from_utf8_lossy(n).into_owned(),
+                    );
+                    (c.id, name)
+                })
+                .collect(),
         };
         let console_size = lock(&device.config).size();
         for hp in &mut handler.ports {
@@ -388,6 +401,17 @@ impl ConsoleQueues {
         }
     }
 
+    /// Logs the guest opening or closing port `id` (its PORT_OPEN, §5.3.6.2).
+    fn log_guest_open(&self, id: u32, open: bool) {
+        let name = self
+            .port_names
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or("(unknown)", |(_, n)| n.as_str());
+        let what = if open { "opened" } else { "closed" };
+        log::info!("console port {id} ({name}): {what} by the guest");
+    }
+
     /// Decodes the driver's control messages (§5.3.6.2).
     fn drain_control_tx(
         &mut self,
@@ -412,7 +436,17 @@ impl ConsoleQueues {
             match DriverMessage::decode(&msg[..n]) {
                 Ok(m) => {
                     log::debug!("console control: driver says {m:?}");
-                    if let Err(e) = self.control.handle(m) {
+                    let was_open = match m {
+                        DriverMessage::PortOpen { id, .. } => self.control.guest_open(id),
+                        _ => None,
+                    };
+                    let handled = self.control.handle(m);
+                    if let (Ok(()), DriverMessage::PortOpen { id, open }) = (&handled, m) {
+                        if was_open != Some(open) {
+                            self.log_guest_open(id, open);
+                        }
+                    }
+                    if let Err(e) = handled {
                         let port = match m {
                             DriverMessage::PortReady { id, .. }
                             | DriverMessage::PortOpen { id, .. } => self.port_index(id),

@@ -38,7 +38,7 @@ use vhost_user_console::control::{
 use vhost_user_console::{ConsoleDevice, HostLocation, HostPorts};
 use virtio_core::driver::{DriverBuffer, DriverQueue};
 use virtio_core::vhost_user::{
-    Server, ServerConfig, ShutdownHandle, VHOST_USER_F_PROTOCOL_FEATURES,
+    Device, Server, ServerConfig, ShutdownHandle, VHOST_USER_F_PROTOCOL_FEATURES,
 };
 use virtio_core::RingLayout;
 use vm_memory::{
@@ -970,4 +970,19 @@ fn single_port_resize_sends_a_config_change_message() {
         .get_config(0, 4, VhostUserConfigFlags::WRITABLE, &[0; 4])
         .unwrap();
     assert_eq!(cfg, [120, 0, 40, 0]);
+}
+
+#[test]
+fn no_packed_stops_offering_the_packed_ring() {
+    let tmp = TempDir::new("nopacked");
+    let spec = format!("socket={}", tmp.0.join("c").display());
+    let device = ConsoleDevice::new(HostPorts::open(&args(&[&spec])).unwrap()).unwrap();
+    assert_eq!(Device::features(&device) & RING_PACKED, RING_PACKED);
+    let spec = format!("socket={}", tmp.0.join("d").display());
+    let device = ConsoleDevice::new(HostPorts::open(&args(&[&spec])).unwrap())
+        .unwrap()
+        .with_packed_ring(false);
+    let f = Device::features(&device);
+    assert_eq!(f & RING_PACKED, 0);
+    assert_eq!(f & VERSION_1, VERSION_1);
 }
