@@ -19,6 +19,9 @@
 //! * [`tap`]: opening a (multi-queue) TAP with a vnet header, offloads, and non-blocking
 //!   `readv`/`writev`.
 //! * [`switch`]: the MAC learning forwarding table of switch mode (no TAP).
+//! * [`switch_port`]: switch mode's vhost-user device, one per socket
+//!   ([`switch_port::SwitchPortDevice`]), its lock-free per-port frame queues and the
+//!   shared table ([`switch_port::SwitchHub`]).
 //! * [`metrics`]: per-queue counters.
 //! * [`device`]: the vhost-user device ([`NetDevice`]) in front of a TAP, with one
 //!   handler per queue pair ([`NetQueues`]).
@@ -37,6 +40,7 @@ pub mod features;
 pub mod hdr;
 pub mod metrics;
 pub mod switch;
+pub mod switch_port;
 pub mod tap;
 
 pub use config::{ConfigError, MacAddr, MacError, VirtioNetConfig};

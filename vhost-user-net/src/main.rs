@@ -8,6 +8,10 @@
 //! device options (all listed by `--help`, which ends with QEMU and DPDK command lines).
 //! The daemon serves one frontend at a time and, when it disconnects, accepts the next one
 //! on the same socket. SIGTERM/SIGINT stop it.
+//!
+//! Switch mode (`--switch SOCKET`, two or more, no `--tap`): one server thread per socket,
+//! each connection a port of one learning switch ([`vhost_user_net::switch_port`]); the
+//! per-port counters are logged when the daemon stops.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -18,6 +22,8 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vhost_user_net::config::{validate_mtu, MacAddr};
 use vhost_user_net::features::MAX_QUEUE_PAIRS;
+use vhost_user_net::switch::SwitchConfig;
+use vhost_user_net::switch_port::{SwitchHub, SwitchPortDevice};
 use vhost_user_net::tap::MAX_TAP_QUEUES;
 use vhost_user_net::{NetDevice, NetOptions};
 use virtio_core::vhost_user::{BackendArgs, Capabilities, Server, ServerConfig};
@@ -37,6 +43,14 @@ DPDK testpmd (it emulates the config space and control queue: give it mac=):
 
   dpdk-testpmd --no-huge --no-pci -m 512 --no-shconf --file-prefix=vunet --vdev net_virtio_user0,path=/tmp/vunet.sock,mac=52:54:00:12:34:56 -- -i
 
+Switch mode (no TAP): two or more sockets, each one port of a learning switch:
+
+  vhost-user-net --switch /tmp/sw0.sock --switch /tmp/sw1.sock &
+  dpdk-testpmd ... --file-prefix=a --vdev net_virtio_user0,path=/tmp/sw0.sock,mac=02:00:00:00:00:01 -- -i
+  dpdk-testpmd ... --file-prefix=b --vdev net_virtio_user0,path=/tmp/sw1.sock,mac=02:00:00:00:00:02 -- -i
+
+No offloads are offered in switch mode; the per-port counters are logged at SIGTERM.
+
 The TAP is attached to if it exists, created otherwise (CAP_NET_ADMIN); configure its
 address and bring it up with ip(8). SIGTERM stops the daemon; RUST_LOG=debug for more logging.";
 
@@ -45,15 +59,24 @@ address and bring it up with ip(8). SIGTERM stops the daemon; RUST_LOG=debug for
 #[command(
     name = "vhost-user-net",
     version,
-    about = "vhost-user network device backend: a virtio-net device in front of a host TAP",
+    about = "vhost-user network device backend: a virtio-net device in front of a host TAP, or the ports of a learning switch",
     after_help = AFTER_HELP
 )]
 struct Options {
     #[command(flatten)]
     conventions: BackendArgs,
     /// TAP interface to attach to (created if it does not exist).
-    #[arg(long, value_name = "NAME")]
-    tap: String,
+    #[arg(
+        long,
+        value_name = "NAME",
+        required_unless_present = "switch",
+        conflicts_with = "switch"
+    )]
+    tap: Option<String>,
+    /// Switch mode: a vhost-user socket to listen on as one port of a learning switch
+    /// (give two or more; no TAP). Conflicts with --tap, --socket-path and --fd.
+    #[arg(long, value_name = "SOCKET", group = "backend-socket")]
+    switch: Vec<std::path::PathBuf>,
     /// The device's MAC address (config space; default: derived from the socket path or
     /// TAP name, locally administered).
     #[arg(long, value_parser = parse_mac)]
@@ -100,17 +123,20 @@ fn run() -> Result<(), String> {
             .map_err(|e| format!("printing capabilities: {e}"));
     }
     let options = Options::parse();
+    let Some(tap) = options.tap.clone() else {
+        return run_switch(&options);
+    };
     let seed = options
         .conventions
         .socket_path
         .as_ref()
-        .map_or_else(|| options.tap.clone(), |p| p.display().to_string());
+        .map_or_else(|| tap.clone(), |p| p.display().to_string());
     let mac = options
         .mac
         .unwrap_or_else(|| MacAddr::from_seed(seed.as_bytes()));
     let device = Arc::new(
         NetDevice::open(
-            &options.tap,
+            &tap,
             &NetOptions {
                 mac,
                 mtu: options.mtu,
@@ -149,6 +175,73 @@ fn run() -> Result<(), String> {
         })
         .map_err(|e| format!("starting the signal thread: {e}"))?;
     server.serve().map_err(|e| e.to_string())
+}
+
+/// Switch mode: one server (and thread) per `--switch` socket, all ports of one switch.
+fn run_switch(options: &Options) -> Result<(), String> {
+    let hub =
+        SwitchHub::new(options.switch.len(), SwitchConfig::default()).map_err(|e| e.to_string())?;
+    let mut servers = Vec::with_capacity(options.switch.len());
+    for (port, path) in options.switch.iter().enumerate() {
+        let seed = path.display().to_string();
+        let mac = MacAddr::from_seed(seed.as_bytes());
+        let device = Arc::new(
+            SwitchPortDevice::new(Arc::clone(&hub), port, mac, options.mtu, options.queue_size)
+                .map_err(|e| e.to_string())?,
+        );
+        let config = ServerConfig {
+            poll_us: options.poll_us,
+            adaptive_poll_max_us: options.adaptive_poll_max_us,
+            thread_name: format!("vusw{port}"),
+            ..ServerConfig::default()
+        };
+        let server = Server::bind(path, device, config)
+            .map_err(|e| format!("switch port {port}: binding {}: {e}", path.display()))?;
+        info!("switch port {port}: listening on {}", path.display());
+        servers.push(server);
+    }
+    let stops: Vec<_> = servers.iter().map(Server::shutdown_handle).collect();
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("installing signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("vunet-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                info!("signal {signal}: shutting down");
+                for stop in &stops {
+                    stop.shutdown();
+                }
+            }
+        })
+        .map_err(|e| format!("starting the signal thread: {e}"))?;
+    let mut threads = Vec::with_capacity(servers.len());
+    for (port, mut server) in servers.into_iter().enumerate() {
+        let t = std::thread::Builder::new()
+            .name(format!("vusw{port}-conn"))
+            .spawn(move || server.serve())
+            .map_err(|e| format!("starting the thread of switch port {port}: {e}"))?;
+        threads.push(t);
+    }
+    let mut result = Ok(());
+    for (port, t) in threads.into_iter().enumerate() {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!("switch port {port}: {e}");
+                result = Err(format!("switch port {port} failed: {e}"));
+            }
+            Err(_) => {
+                error!("switch port {port}: its thread panicked");
+                result = Err(format!("switch port {port}: its thread panicked"));
+            }
+        }
+    }
+    for port in 0..hub.port_count() {
+        if let Some(c) = hub.counters(port) {
+            info!("switch port {port} counters: {}", c.summary());
+        }
+    }
+    result
 }
 
 fn main() -> ExitCode {

@@ -38,6 +38,9 @@ pub const TESTPMD_ENV: &str = "E2E_TESTPMD";
 /// testpmd's interactive prompt.
 pub const PROMPT: &str = "testpmd> ";
 
+/// The end of [`PROMPT`], what start-up waits for (see [`TestPmd::spawn`]).
+const PROMPT_END: &str = "pmd> ";
+
 /// Default limit for one interactive command (and for the start-up prompt).
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -510,7 +513,11 @@ impl TestPmd {
             readers,
             status: None,
         };
-        let startup = pmd.wait_for_after(0, PROMPT, self.startup_timeout, "the first prompt")?;
+        // The end of the prompt only: stdout and stderr share the log, and a port without
+        // promiscuous mode (a backend without a control queue) prints its error on stderr
+        // while testpmd prints its first prompt ("test" + error + "pmd> ").
+        let startup =
+            pmd.wait_for_after(0, PROMPT_END, self.startup_timeout, "the first prompt")?;
         // testpmd carries on without the ports that failed to probe.
         if let Some(line) = startup.lines().find(|l| {
             l.contains("failed to initialize")

@@ -1,0 +1,420 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Switch mode in process: three `vhost` crate frontends, each with virtio-core's driver
+//! side playing its guest in memfd-backed memory, on three servers sharing one
+//! [`SwitchHub`]. Checks flooding of unknown unicast and broadcast, unicast after
+//! learning, no echo to the sender, and that a disconnected port leaves the switch.
+
+#![allow(clippy::cast_possible_truncation, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_core::driver::{DriverBuffer, DriverQueue};
+use virtio_core::vhost_user::{FrontendSocket, Server, ServerConfig};
+use virtio_core::RingLayout;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+use vmm_sys_util::eventfd::{EventFd as TestEventFd, EFD_NONBLOCK as NONBLOCK};
+
+use super::*;
+use crate::features::bit;
+
+const QSIZE: u16 = 64;
+const MEM_SIZE: usize = 4 << 20;
+const TIMEOUT: Duration = Duration::from_secs(5);
+const RING_PACKED: u64 = 1 << 34;
+const RX_BUF: u64 = 0x20_0000;
+const TX_BUF: u64 = 0x30_0000;
+const BROADCAST: [u8; 6] = [0xff; 6];
+
+fn mac(n: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0, n]
+}
+
+fn frame(dst: [u8; 6], src: [u8; 6], tag: u8) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x88, 0xb5]);
+    f.extend((0..60u8).map(|i| tag.wrapping_add(i)));
+    f
+}
+
+struct Guest {
+    mem: GuestMemoryMmap<()>,
+    _file: File,
+    _fe: Frontend,
+    rx: DriverQueue,
+    tx: DriverQueue,
+    kicks: [TestEventFd; 2],
+    _calls: [TestEventFd; 2],
+    rx_addrs: HashMap<u16, u64>,
+    next_tx: u64,
+}
+
+impl Guest {
+    fn connect(stream: UnixStream, layout: RingLayout, mrg_rxbuf: bool) -> Guest {
+        // SAFETY: a valid C string; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"vusw-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor we own.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        file.set_len(MEM_SIZE as u64).unwrap();
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        )])
+        .unwrap();
+        let mut fe = Frontend::from_stream(stream, 2);
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        let mut want = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_NET_F_MAC)
+            | virtio_core::vhost_user::VHOST_USER_F_PROTOCOL_FEATURES;
+        if layout == RingLayout::Packed {
+            want |= RING_PACKED;
+        }
+        if mrg_rxbuf {
+            want |= bit(VIRTIO_NET_F_MRG_RXBUF);
+        }
+        assert_eq!(offered & want, want, "offered {offered:#x}");
+        fe.set_features(want).unwrap();
+        let pf = fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(
+            pf & (VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ),
+        )
+        .unwrap();
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        assert_eq!(fe.get_queue_num().unwrap(), 2);
+        let r = mem.iter().next().unwrap();
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: r.len(),
+            userspace_addr: r.get_host_address(MemoryRegionAddress(0)).unwrap() as u64,
+            mmap_offset: 0,
+            mmap_handle: r.file_offset().unwrap().file().as_raw_fd(),
+        };
+        fe.set_mem_table(&[region]).unwrap();
+        let kicks = [
+            TestEventFd::new(NONBLOCK).unwrap(),
+            TestEventFd::new(NONBLOCK).unwrap(),
+        ];
+        let calls = [
+            TestEventFd::new(NONBLOCK).unwrap(),
+            TestEventFd::new(NONBLOCK).unwrap(),
+        ];
+        let mut queues = Vec::new();
+        for i in 0..2usize {
+            let q = DriverQueue::new(layout, QSIZE, 0x10000 * (i as u64 + 1), false);
+            q.init(&mem).unwrap();
+            let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+            fe.set_vring_num(i, QSIZE).unwrap();
+            fe.set_vring_base(i, 0).unwrap();
+            fe.set_vring_addr(
+                i,
+                &VringConfigData {
+                    queue_max_size: QSIZE,
+                    queue_size: QSIZE,
+                    flags: 0,
+                    desc_table_addr: host(q.desc_table()),
+                    used_ring_addr: host(q.device_area()),
+                    avail_ring_addr: host(q.driver_area()),
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+            fe.set_vring_kick(i, &kicks[i]).unwrap();
+            fe.set_vring_call(i, &calls[i]).unwrap();
+            fe.set_vring_enable(i, true).unwrap();
+            queues.push(q);
+        }
+        let tx = queues.pop().unwrap();
+        let rx = queues.pop().unwrap();
+        Guest {
+            mem,
+            _file: file,
+            _fe: fe,
+            rx,
+            tx,
+            kicks,
+            _calls: calls,
+            rx_addrs: HashMap::new(),
+            next_tx: TX_BUF,
+        }
+    }
+
+    /// Posts `n` receive buffers of 2 KiB.
+    fn post_rx(&mut self, n: u16) {
+        for k in 0..n {
+            let addr = RX_BUF + 0x800 * u64::from(k);
+            let id = self
+                .rx
+                .add_chain(
+                    &self.mem,
+                    &[DriverBuffer {
+                        addr,
+                        len: 0x800,
+                        writable: true,
+                    }],
+                )
+                .unwrap();
+            self.rx_addrs.insert(id, addr);
+        }
+        self.kicks[0].write(1).unwrap();
+    }
+
+    /// Transmits `f` behind a plain 12-byte header and waits for the chain back.
+    fn send(&mut self, f: &[u8]) {
+        let at = self.next_tx;
+        self.next_tx += 0x1000;
+        let mut b = vec![0u8; 12];
+        b.extend_from_slice(f);
+        self.mem.write_slice(&b, GuestAddress(at)).unwrap();
+        let id = self
+            .tx
+            .add_chain(
+                &self.mem,
+                &[DriverBuffer {
+                    addr: at,
+                    len: b.len() as u32,
+                    writable: false,
+                }],
+            )
+            .unwrap();
+        self.kicks[1].write(1).unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(u) = self.tx.pop_used(&self.mem).unwrap() {
+                assert_eq!(u, (id, 0));
+                return;
+            }
+            assert!(start.elapsed() < TIMEOUT, "transmit chain not returned");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The next received frame (header checked and stripped).
+    fn recv(&mut self) -> Vec<u8> {
+        let start = Instant::now();
+        loop {
+            if let Some((id, len)) = self.rx.pop_used(&self.mem).unwrap() {
+                let addr = self.rx_addrs[&id];
+                let mut b = vec![0u8; len as usize];
+                self.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+                assert!(b.len() >= 12);
+                // A plain header: no flags, no GSO, num_buffers 1.
+                assert_eq!(&b[..10], &[0u8; 10]);
+                assert_eq!(u16::from_le_bytes([b[10], b[11]]), 1);
+                return b[12..].to_vec();
+            }
+            assert!(start.elapsed() < TIMEOUT, "no frame received");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn assert_nothing(&mut self) {
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(self.rx.pop_used(&self.mem).unwrap(), None);
+    }
+}
+
+type ServerThread = std::thread::JoinHandle<Result<(), virtio_core::vhost_user::Error>>;
+
+fn start(hub: &Arc<SwitchHub>, port: usize) -> (UnixStream, ServerThread) {
+    let device = Arc::new(
+        SwitchPortDevice::new(
+            Arc::clone(hub),
+            port,
+            MacAddr(mac(0x40 + port as u8)),
+            None,
+            256,
+        )
+        .unwrap(),
+    );
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut server = Server::new(
+        FrontendSocket::Connected(b),
+        device,
+        ServerConfig::default(),
+    )
+    .unwrap();
+    (a, std::thread::spawn(move || server.serve()))
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn case(layout: RingLayout, mrg_rxbuf: bool) {
+    let hub = SwitchHub::new(3, SwitchConfig::default()).unwrap();
+    let mut guests = Vec::new();
+    let mut servers = Vec::new();
+    for port in 0..3 {
+        let (stream, server) = start(&hub, port);
+        let mut g = Guest::connect(stream, layout, mrg_rxbuf);
+        g.post_rx(16);
+        guests.push(g);
+        servers.push(server);
+    }
+    wait_for("every port to connect", || {
+        (0..3).all(|p| hub.is_connected(p))
+    });
+    let (a, b, c) = (mac(1), mac(2), mac(3));
+
+    // Unknown unicast floods: B and C get it, A (the sender) does not.
+    let f = frame(b, a, 1);
+    guests[0].send(&f);
+    assert_eq!(guests[1].recv(), f);
+    assert_eq!(guests[2].recv(), f);
+    guests[0].assert_nothing();
+
+    // B answers A, whose address is learned: unicast, C sees nothing.
+    let f = frame(a, b, 2);
+    guests[1].send(&f);
+    assert_eq!(guests[0].recv(), f);
+    guests[2].assert_nothing();
+    guests[1].assert_nothing();
+
+    // A to B, now both learned: only B.
+    let f = frame(b, a, 3);
+    guests[0].send(&f);
+    assert_eq!(guests[1].recv(), f);
+    guests[2].assert_nothing();
+
+    // Broadcast from C: A and B, no echo to C.
+    let f = frame(BROADCAST, c, 4);
+    guests[2].send(&f);
+    assert_eq!(guests[0].recv(), f);
+    assert_eq!(guests[1].recv(), f);
+    guests[2].assert_nothing();
+    assert_eq!(hub.table_len(), 3);
+
+    // C disconnects: it leaves the switch, its address is forgotten.
+    let gc = guests.pop().unwrap();
+    drop(gc);
+    let sc = servers.pop().unwrap();
+    wait_for("the server of port 2 to finish", || sc.is_finished());
+    let _ = sc.join().unwrap();
+    assert!(!hub.is_connected(2));
+    assert_eq!(hub.table_len(), 2);
+    // A frame for C's old address now floods to B only.
+    let f = frame(c, a, 5);
+    guests[0].send(&f);
+    assert_eq!(guests[1].recv(), f);
+
+    // Malformed: shorter than an Ethernet header; counted, nothing forwarded.
+    guests[0].send(&[0u8; 6]);
+    guests[1].assert_nothing();
+    let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let ca = hub.counters(0).unwrap();
+    assert_eq!(l(&ca.tx_frames), 3);
+    assert_eq!(l(&ca.drop_bad), 1);
+    assert_eq!(l(&hub.counters(1).unwrap().rx_frames), 4);
+    assert_eq!(l(&hub.counters(2).unwrap().rx_frames), 1);
+    assert_eq!(l(&hub.counters(1).unwrap().drop_full), 0);
+    drop(guests);
+    for s in servers {
+        let _ = s.join().unwrap();
+    }
+}
+
+#[test]
+fn switch_forwarding_split() {
+    case(RingLayout::Split, false);
+}
+
+#[test]
+fn switch_forwarding_packed_mrg_rxbuf() {
+    case(RingLayout::Packed, true);
+}
+
+#[test]
+fn frame_queue_full_drops_and_consumer_is_single() {
+    let q = Arc::new(FrameQueue::new(4, 64));
+    for i in 0..4u8 {
+        assert_eq!(
+            q.push_with(|s| {
+                s[0] = i;
+                Some(1)
+            }),
+            Push::Queued
+        );
+    }
+    assert_eq!(q.push_with(|_| Some(1)), Push::Full);
+    let mut c = q.consumer().unwrap();
+    assert!(q.consumer().is_none());
+    for i in 0..4u8 {
+        assert_eq!(c.front(), Some(&[i][..]));
+        c.pop();
+    }
+    assert_eq!(c.front(), None);
+    assert_eq!(q.push_with(|_| None), Push::Refused);
+    assert_eq!(c.front(), None);
+    assert_eq!(q.push_with(|_| Some(3)), Push::Queued);
+    assert_eq!(c.clear(), 1);
+    drop(c);
+    assert!(q.consumer().is_some());
+}
+
+#[test]
+fn frame_queue_many_producers() {
+    let q = Arc::new(FrameQueue::new(64, 8));
+    let producers: Vec<_> = (0..3u8)
+        .map(|p| {
+            let q = Arc::clone(&q);
+            std::thread::spawn(move || {
+                let mut sent = 0u32;
+                while sent < 10_000 {
+                    let r = q.push_with(|s| {
+                        s[0] = p;
+                        s[1..5].copy_from_slice(&sent.to_le_bytes());
+                        Some(5)
+                    });
+                    if r == Push::Queued {
+                        sent += 1;
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut c = q.consumer().unwrap();
+    let mut next = [0u32; 3];
+    let start = Instant::now();
+    while next.iter().sum::<u32>() < 30_000 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "stalled at {next:?}"
+        );
+        let Some(f) = c.front() else {
+            std::thread::yield_now();
+            continue;
+        };
+        let p = usize::from(f[0]);
+        let n = u32::from_le_bytes(f[1..5].try_into().unwrap());
+        // Each producer's frames arrive in order, none lost.
+        assert_eq!(n, next[p]);
+        next[p] += 1;
+        c.pop();
+    }
+    for t in producers {
+        t.join().unwrap();
+    }
+}

@@ -1,0 +1,230 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `netbench`: two DPDK testpmd `net_virtio_user` frontends (txonly → rxonly) through
+//! (a) our vhost-user-net daemon in switch mode and (b) DPDK's own vhost PMD forwarding
+//! between two vhost ports (a third testpmd, `io` forwarding), 64- and 1500-byte frames,
+//! large rings (`queue_size=32768 --rxd=32768 --txd=32768`), several repetitions, backends
+//! interleaved. Reports received Mpps at the rxonly frontend and packets per backend
+//! CPU-second (utime + stime of the backend process from /proc). Markdown on stdout.
+//!
+//! ```text
+//! cargo build --release -p vhost-user-net -p vring-tests
+//! target/release/netbench --reps 3 --seconds 2
+//! ```
+//!
+//! On a 2-core host the two busy-polling frontends and the backend share the CPUs: the
+//! numbers compare backends under the same contention, not their peak rates.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use clap::Parser;
+use vring_tests::e2e::dpdk::{FwdMode, RunningTestPmd, TestPmd, VirtioUserOptions};
+use vring_tests::e2e::{repo_root, BackgroundProcess, TempDir};
+use vring_tests::frontend::stats::process_cpu_seconds;
+
+const MAC1: &str = "02:00:00:00:00:11";
+const MAC2: &str = "02:00:00:00:00:22";
+const RING: u16 = 32768;
+
+/// Command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "netbench",
+    about = "virtio-net switch throughput: our daemon vs DPDK vhost"
+)]
+struct Args {
+    /// Repetitions of every cell.
+    #[arg(long, default_value_t = 3)]
+    reps: u32,
+    /// Seconds measured per run.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Frame sizes (bytes, testpmd --txpkts).
+    #[arg(long, value_delimiter = ',', default_value = "64,1500")]
+    sizes: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Ours,
+    Dpdk,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Ours => "vhost-user-net --switch",
+            Backend::Dpdk => "DPDK vhost PMD (testpmd io)",
+        }
+    }
+}
+
+fn daemon_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("E2E_VHOST_USER_NET").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    repo_root().join("target/release/vhost-user-net")
+}
+
+/// A running backend: the process whose CPU time is counted.
+enum Running {
+    Ours(BackgroundProcess),
+    Dpdk(RunningTestPmd),
+}
+
+impl Running {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Running::Ours(p) => p.pid(),
+            Running::Dpdk(p) => p.pid(),
+        }
+    }
+}
+
+fn start_backend(b: Backend, s0: &Path, s1: &Path) -> Result<Running, String> {
+    match b {
+        Backend::Ours => {
+            let mut cmd = Command::new(daemon_binary());
+            cmd.arg("--switch")
+                .arg(s0)
+                .arg("--switch")
+                .arg(s1)
+                .args(["--queue-size", &RING.to_string()])
+                .env("RUST_LOG", "warn");
+            let mut p =
+                BackgroundProcess::spawn("vhost-user-net", cmd).map_err(|e| e.to_string())?;
+            for s in [s0, s1] {
+                p.wait_for_socket(s, Duration::from_secs(10))
+                    .map_err(|e| format!("{e}\n{}", p.log()))?;
+            }
+            Ok(Running::Ours(p))
+        }
+        Backend::Dpdk => {
+            let mut p = TestPmd::new("netbench-vhost")
+                .cpu(0)
+                .vhost_backend(s0, None)
+                .vhost_backend(s1, None)
+                .app_arg("--total-num-mbufs=81920")
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            p.set_fwd(FwdMode::Io).map_err(|e| e.to_string())?;
+            p.start().map_err(|e| e.to_string())?;
+            Ok(Running::Dpdk(p))
+        }
+    }
+}
+
+fn frontend(
+    which: u8,
+    sock: &Path,
+    mac: &str,
+    cpu: u32,
+    size: u32,
+) -> Result<RunningTestPmd, String> {
+    let opts = VirtioUserOptions {
+        queue_size: Some(RING),
+        ..Default::default()
+    };
+    TestPmd::new(&format!("netbench-fe{which}"))
+        .cpu(cpu)
+        .memory_mb(1024)
+        .virtio_user(sock, mac, &opts)
+        .app_arg("--total-num-mbufs=81920")
+        .app_arg(format!("--rxd={RING}"))
+        .app_arg(format!("--txd={RING}"))
+        .app_arg(format!("--txpkts={size}"))
+        .spawn()
+        .map_err(|e| format!("frontend {which}: {e}"))
+}
+
+/// One run: (packets received by frontend 2 in the window, seconds, backend CPU seconds).
+fn run(b: Backend, size: u32, seconds: f64) -> Result<(u64, f64, f64), String> {
+    let tmp = TempDir::new("netbench").map_err(|e| e.to_string())?;
+    let s0 = tmp.path().join("s0.sock");
+    let s1 = tmp.path().join("s1.sock");
+    let backend = start_backend(b, &s0, &s1)?;
+    let mut fe1 = frontend(1, &s0, MAC1, 0, size)?;
+    let mut fe2 = frontend(2, &s1, MAC2, 1, size)?;
+    let e = |e: vring_tests::e2e::E2eError| e.to_string();
+    // Frontend 2 makes itself known (switch learning), then receives.
+    fe2.command(&format!("set eth-peer 0 {MAC1}")).map_err(e)?;
+    fe2.set_fwd(FwdMode::TxOnly).map_err(e)?;
+    fe2.start().map_err(e)?;
+    std::thread::sleep(Duration::from_millis(100));
+    fe2.stop().map_err(e)?;
+    fe2.set_fwd(FwdMode::RxOnly).map_err(e)?;
+    fe2.start().map_err(e)?;
+    fe1.command(&format!("set eth-peer 0 {MAC2}")).map_err(e)?;
+    fe1.set_fwd(FwdMode::TxOnly).map_err(e)?;
+    fe1.start().map_err(e)?;
+    // Warm-up, then the measured window.
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = backend.pid().ok_or("the backend has no pid")?;
+    let rx0 = fe2.port(0).map_err(e)?.rx_packets;
+    let cpu0 = process_cpu_seconds(pid).map_err(|e| e.to_string())?;
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let rx1 = fe2.port(0).map_err(e)?.rx_packets;
+    let cpu1 = process_cpu_seconds(pid).map_err(|e| e.to_string())?;
+    let dt = t0.elapsed().as_secs_f64();
+    let _ = fe1.stop();
+    let _ = fe2.stop();
+    let _ = fe1.quit(Duration::from_secs(10));
+    let _ = fe2.quit(Duration::from_secs(10));
+    drop(backend);
+    Ok((rx1.saturating_sub(rx0), dt, cpu1 - cpu0))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let backends = [Backend::Ours, Backend::Dpdk];
+    // results[size][backend] = (Mpps, pkts per CPU-second) per rep
+    let mut rows = Vec::new();
+    for &size in &args.sizes {
+        let mut per: Vec<Vec<(f64, f64)>> = vec![Vec::new(); backends.len()];
+        for rep in 0..args.reps {
+            for (i, &b) in backends.iter().enumerate() {
+                match run(b, size, args.seconds) {
+                    Ok((pkts, dt, cpu)) => {
+                        let mpps = pkts as f64 / dt / 1e6;
+                        let per_cpu = if cpu > 0.0 { pkts as f64 / cpu } else { 0.0 };
+                        eprintln!(
+                            "{size} B, rep {rep}, {}: {pkts} packets in {dt:.2}s = {mpps:.3} Mpps, backend CPU {cpu:.2}s",
+                            b.name()
+                        );
+                        if let Some(v) = per.get_mut(i) {
+                            v.push((mpps, per_cpu));
+                        }
+                    }
+                    Err(err) => eprintln!("{size} B, rep {rep}, {}: failed: {err}", b.name()),
+                }
+            }
+        }
+        rows.push((size, per));
+    }
+    println!("| frame | backend | Mpps (median) | Mpps (min–max) | packets / backend CPU-s (median) | runs |");
+    println!("|---|---|---|---|---|---|");
+    for (size, per) in rows {
+        for (b, v) in backends.iter().zip(per) {
+            let med = |mut xs: Vec<f64>| {
+                xs.sort_by(f64::total_cmp);
+                xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+            };
+            let mpps: Vec<f64> = v.iter().map(|x| x.0).collect();
+            let pc: Vec<f64> = v.iter().map(|x| x.1).collect();
+            let lo = mpps.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = mpps.iter().copied().fold(0.0, f64::max);
+            println!(
+                "| {size} B | {} | {:.3} | {:.3}–{:.3} | {:.0} | {} |",
+                b.name(),
+                med(mpps.clone()),
+                if lo.is_finite() { lo } else { 0.0 },
+                hi,
+                med(pc),
+                mpps.len()
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
