@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 // Test helpers shared by the TAP and device tests: a network namespace per test (so the
 // host's interfaces are never touched) and an AF_PACKET socket on an interface in it.
 

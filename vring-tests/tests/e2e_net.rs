@@ -21,15 +21,14 @@
 //! The DPDK cases run `dpdk-testpmd` (virtio_user, `io` forwarding) as the frontend
 //! instead of QEMU, and are skipped when it is not installed.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vring_tests::e2e::netns::{self, NetNs};
 use vring_tests::e2e::{
     self, repo_root, BackgroundProcess, GuestKernel, Initramfs, QemuVm, TempDir, VmOutput,
 };
@@ -56,88 +55,6 @@ fn ok<T>(r: e2e::Result<T>) -> T {
     match r {
         Ok(v) => v,
         Err(e) => panic!("{e}"),
-    }
-}
-
-/// Runs a command to completion; its failure is an error with its output.
-fn run(what: &str, cmd: &mut Command) -> Result<(), String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{what}: cannot run {cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{what}: {cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// A network namespace, deleted on drop.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn new(case: &str) -> NetNs {
-        let name = format!("vhun-{}-{case}", std::process::id());
-        // A namespace left by an earlier run with the same pid would make `add` fail.
-        let _ = run(
-            "stale namespace",
-            Command::new("ip").args(["netns", "del", &name]),
-        );
-        run(
-            "creating the namespace",
-            Command::new("ip").args(["netns", "add", &name]),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        NetNs { name }
-    }
-
-    /// `ip netns exec NAME` followed by `args`.
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-
-    fn ip(&self, args: &[&str]) -> Result<(), String> {
-        run(
-            &format!("ip {}", args.join(" ")),
-            Command::new("ip").args(["-n", &self.name]).args(args),
-        )
-    }
-
-    /// Moves the calling thread into the namespace.
-    fn enter(&self) -> Result<(), String> {
-        let f = File::open(format!("/run/netns/{}", self.name))
-            .map_err(|e| format!("opening namespace {}: {e}", self.name))?;
-        // SAFETY: setns takes an fd we keep open during the call and a flag; it changes
-        // only the calling thread's network namespace.
-        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        if r != 0 {
-            return Err(format!(
-                "setns({}): {}",
-                self.name,
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        if let Err(e) = run(
-            "deleting the namespace",
-            Command::new("ip").args(["netns", "del", &self.name]),
-        ) {
-            eprintln!("{e}");
-        }
     }
 }
 
@@ -232,9 +149,9 @@ struct Transfers {
 /// The test's TCP endpoints inside the namespace: receives the guest's upload, then
 /// sends `download` to the guest.
 fn spawn_endpoints(ns: &NetNs, download: Vec<u8>) -> JoinHandle<Result<Transfers, String>> {
-    let name = ns.name.clone();
+    let name = ns.name().to_string();
     std::thread::spawn(move || {
-        NetNs { name: name.clone() }.enter_and_forget()?;
+        netns::enter_named(&name)?;
         let up = TcpListener::bind((HOST_ADDR, UPLOAD_PORT)).map_err(|e| format!("bind: {e}"))?;
         let down =
             TcpListener::bind((HOST_ADDR, DOWNLOAD_PORT)).map_err(|e| format!("bind: {e}"))?;
@@ -250,15 +167,6 @@ fn spawn_endpoints(ns: &NetNs, download: Vec<u8>) -> JoinHandle<Result<Transfers
         drop(s);
         Ok(Transfers { uploaded })
     })
-}
-
-impl NetNs {
-    /// [`Self::enter`] for a copy that must not delete the namespace when dropped.
-    fn enter_and_forget(self) -> Result<(), String> {
-        let r = self.enter();
-        std::mem::forget(self);
-        r
-    }
 }
 
 const GUEST_SCRIPT: &str = r#"set -e
@@ -310,7 +218,7 @@ enum Ring {
 /// [`TAP`], and gives the TAP 10.77.0.1/24.
 fn start_daemon(case: &str, queue_pairs: u16) -> (NetNs, TempDir, BackgroundProcess) {
     let bin = daemon_binary();
-    let ns = NetNs::new(case);
+    let ns = NetNs::create("vhun", case).unwrap_or_else(|e| panic!("{e}"));
     let dir = ok(TempDir::new("e2e-net"));
     let socket = dir.path().join("net.sock");
     let mut cmd = ns.command(&bin.to_string_lossy());

@@ -69,15 +69,22 @@ impl NetNs {
 
     /// Moves the calling thread into the namespace (for listeners a test runs there).
     pub fn enter(&self) -> Result<(), String> {
-        let f = File::open(format!("/run/netns/{}", self.name))
-            .map_err(|e| format!("opening namespace {}: {e}", self.name))?;
+        enter_named(&self.name)
+    }
+}
+
+/// Moves the calling thread into namespace `name` (e.g. from a thread that does not own
+/// the [`NetNs`]).
+pub fn enter_named(name: &str) -> Result<(), String> {
+    {
+        let f = File::open(format!("/run/netns/{name}"))
+            .map_err(|e| format!("opening namespace {name}: {e}"))?;
         // SAFETY: setns takes an fd we keep open during the call and a flag; it changes
         // only the calling thread's network namespace.
         let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
         if r != 0 {
             return Err(format!(
-                "setns({}): {}",
-                self.name,
+                "setns({name}): {}",
                 std::io::Error::last_os_error()
             ));
         }
