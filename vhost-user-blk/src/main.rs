@@ -106,6 +106,9 @@ fn run() -> Result<(), String> {
         options.blk.device_options(),
         engine,
     )));
+    // Before the socket exists: a supervisor that sees the socket may signal at once.
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
     let socket = options
         .conventions
         .into_socket()
@@ -120,8 +123,6 @@ fn run() -> Result<(), String> {
     let mut server = Server::new(socket, Arc::clone(&device), config).map_err(|e| e.to_string())?;
     let notifier = server.config_notifier();
     let stop = server.shutdown_handle();
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .map_err(|e| format!("installing signal handlers: {e}"))?;
     let signal_device = Arc::clone(&device);
     std::thread::Builder::new()
         .name("vublk-signals".into())

@@ -122,6 +122,10 @@ fn run() -> Result<(), String> {
         thread_name: "vcon".into(),
         ..ServerConfig::default()
     };
+    // Before any socket exists: a supervisor that sees the socket may signal at once,
+    // and a SIGTERM before the handler would kill the daemon with the terminal raw.
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("installing signal handlers: {e}"))?;
     let mut servers = Vec::new();
     let mut restore = None;
     for index in 0..count {
@@ -191,8 +195,6 @@ fn run() -> Result<(), String> {
         servers.push((vm, server));
     }
     let stops: Vec<_> = servers.iter().map(|(_, s)| s.shutdown_handle()).collect();
-    let mut signals =
-        Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("installing signal handlers: {e}"))?;
     let signal_restore = restore.clone();
     std::thread::Builder::new()
         .name("vcon-signals".into())

@@ -151,6 +151,9 @@ fn run() -> Result<(), String> {
         device.tap_name(),
         options.queue_pairs
     );
+    // Before any socket exists: a supervisor that sees the socket may signal at once.
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("installing signal handlers: {e}"))?;
     let socket = options
         .conventions
         .into_socket()
@@ -163,8 +166,6 @@ fn run() -> Result<(), String> {
     };
     let mut server = Server::new(socket, device, config).map_err(|e| e.to_string())?;
     let stop = server.shutdown_handle();
-    let mut signals =
-        Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("installing signal handlers: {e}"))?;
     std::thread::Builder::new()
         .name("vunet-signals".into())
         .spawn(move || {
@@ -181,6 +182,9 @@ fn run() -> Result<(), String> {
 fn run_switch(options: &Options) -> Result<(), String> {
     let hub =
         SwitchHub::new(options.switch.len(), SwitchConfig::default()).map_err(|e| e.to_string())?;
+    // Before any socket exists: a supervisor that sees the socket may signal at once.
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("installing signal handlers: {e}"))?;
     let mut servers = Vec::with_capacity(options.switch.len());
     for (port, path) in options.switch.iter().enumerate() {
         let seed = path.display().to_string();
@@ -201,8 +205,6 @@ fn run_switch(options: &Options) -> Result<(), String> {
         servers.push(server);
     }
     let stops: Vec<_> = servers.iter().map(Server::shutdown_handle).collect();
-    let mut signals =
-        Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("installing signal handlers: {e}"))?;
     std::thread::Builder::new()
         .name("vunet-signals".into())
         .spawn(move || {
