@@ -444,7 +444,7 @@ fn tap_rx_packets(ns: &NetNs) -> u64 {
 /// CTRL_VQ from SET_FEATURES (masked by the device), never negotiates EVENT_IDX and sends
 /// SET_VRING_CALL before SET_FEATURES. The ARP requests of a ping inside the namespace
 /// reach testpmd (receive path) and come back to the TAP (transmit path).
-fn dpdk_case(case: &str, packed: bool) {
+fn dpdk_case(case: &str, packed: bool, mrg_rxbuf: bool, queues: u16) {
     let Some(testpmd) = testpmd_binary() else {
         eprintln!("{case}: skipped: dpdk-testpmd is not installed");
         return;
@@ -452,19 +452,20 @@ fn dpdk_case(case: &str, packed: bool) {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (ns, dir, mut daemon) = start_daemon(case, 1);
+    let (ns, dir, mut daemon) = start_daemon(case, queues);
     let socket = dir.path().join("net.sock");
     let before = tap_rx_packets(&ns);
     // testpmd runs until its stdin (the pipe from `sleep`) ends.
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(format!(
         "sleep 8 | exec {} --no-huge --no-pci -m 512 --no-shconf --file-prefix=vunet-{}-{case} \
-         --vdev net_virtio_user0,path={},mac={GUEST_MAC},packed_vq={} -- --forward-mode=io \
-         --total-num-mbufs=32768",
+         --vdev net_virtio_user0,path={},mac={GUEST_MAC},packed_vq={},mrg_rxbuf={},queues={queues} \
+         -- --forward-mode=io --total-num-mbufs=32768 --rxq={queues} --txq={queues}",
         testpmd.display(),
         std::process::id(),
         socket.display(),
-        u8::from(packed)
+        u8::from(packed),
+        u8::from(mrg_rxbuf),
     ));
     let mut pmd = ok(BackgroundProcess::spawn("dpdk-testpmd", cmd));
     std::thread::sleep(Duration::from_secs(3));
@@ -515,12 +516,12 @@ fn dpdk_case(case: &str, packed: bool) {
 
 #[test]
 fn e2e_net_dpdk_testpmd_split() {
-    dpdk_case("dpdk-split", false);
+    dpdk_case("dpdk-split", false, true, 1);
 }
 
 #[test]
 fn e2e_net_dpdk_testpmd_packed() {
-    dpdk_case("dpdk-packed", true);
+    dpdk_case("dpdk-packed", true, true, 1);
 }
 
 /// user-mode Linux as a third frontend (`virtio_uml.device=SOCK:1`): it hands every
@@ -565,4 +566,17 @@ step "ping done"
         ),
     }
     drop(ns);
+}
+
+/// testpmd without merged receive buffers (one chain per frame).
+#[test]
+fn e2e_net_dpdk_testpmd_split_without_mrg_rxbuf() {
+    dpdk_case("dpdk-nomrg", false, false, 1);
+}
+
+/// testpmd with two queue pairs (its control queue stays inside testpmd: MQ becomes
+/// SET_VRING_ENABLE of the second pair).
+#[test]
+fn e2e_net_dpdk_testpmd_two_queue_pairs() {
+    dpdk_case("dpdk-2q", false, true, 2);
 }
