@@ -246,8 +246,10 @@ fn start_daemon(case: &str, queue_pairs: u16) -> (NetNs, TempDir, BackgroundProc
 /// One VM at a time (2 shared cores; TCG is slow enough alone).
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// One guest run against our daemon.
-fn net_case(case: &str, ring: Ring, queue_pairs: u16) {
+/// Guest runs against one daemon, one after the other, one per ring layout in `rings`
+/// (several: the daemon serves the next VM on the same socket after the previous one
+/// exited).
+fn net_case(case: &str, rings: &[Ring], queue_pairs: u16) {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -262,127 +264,130 @@ fn net_case(case: &str, ring: Ring, queue_pairs: u16) {
         )
     };
 
-    let download = pattern(TRANSFER);
-    let endpoints = spawn_endpoints(&ns, download.clone());
+    for (round, &ring) in rings.iter().enumerate() {
+        let download = pattern(TRANSFER);
+        let endpoints = spawn_endpoints(&ns, download.clone());
 
-    let initrd = ok(Initramfs::new(&kernel)
-        .modules(&["virtio_net"])
-        .script(GUEST_SCRIPT)
-        .build());
-    let packed = if ring == Ring::Packed { "on" } else { "off" };
-    let (netdev, device) = if queue_pairs > 1 {
-        (
-            format!("vhost-user,id=n0,chardev=c0,queues={queue_pairs}"),
-            format!(
-                "virtio-net-pci,netdev=n0,mac={GUEST_MAC},packed={packed},mq=on,vectors={},romfile=",
-                2 * queue_pairs + 2
+        let initrd = ok(Initramfs::new(&kernel)
+            .modules(&["virtio_net"])
+            .script(GUEST_SCRIPT)
+            .build());
+        let packed = if ring == Ring::Packed { "on" } else { "off" };
+        let (netdev, device) = if queue_pairs > 1 {
+            (
+                format!("vhost-user,id=n0,chardev=c0,queues={queue_pairs}"),
+                format!(
+                    "virtio-net-pci,netdev=n0,mac={GUEST_MAC},packed={packed},mq=on,vectors={},romfile=",
+                    2 * queue_pairs + 2
+                ),
+            )
+        } else {
+            (
+                "vhost-user,id=n0,chardev=c0".to_owned(),
+                format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC},packed={packed},romfile="),
+            )
+        };
+        let vm = QemuVm::new(&kernel, &initrd)
+            .smp(u32::from(queue_pairs))
+            .timeout(VM_TIMEOUT)
+            .chardev_socket("c0", &socket)
+            .args(["-netdev", &netdev])
+            .device(&device);
+        let out: VmOutput = match vm.run() {
+            Ok(out) if out.success() => out,
+            Ok(out) => fail(
+                &format!(
+                    "guest script failed (E2E-EXIT={}; see GUEST-FAIL and E2E-STEP)",
+                    out.exit_code
+                ),
+                &out.log,
+                &daemon,
             ),
-        )
-    } else {
-        (
-            "vhost-user,id=n0,chardev=c0".to_owned(),
-            format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC},packed={packed},romfile="),
-        )
-    };
-    let vm = QemuVm::new(&kernel, &initrd)
-        .smp(u32::from(queue_pairs))
-        .timeout(VM_TIMEOUT)
-        .chardev_socket("c0", &socket)
-        .args(["-netdev", &netdev])
-        .device(&device);
-    let out: VmOutput = match vm.run() {
-        Ok(out) if out.success() => out,
-        Ok(out) => fail(
-            &format!(
-                "guest script failed (E2E-EXIT={}; see GUEST-FAIL and E2E-STEP)",
-                out.exit_code
+            Err(e) => fail(
+                &format!("VM run failed: {e}"),
+                e.log().unwrap_or(""),
+                &daemon,
             ),
-            &out.log,
-            &daemon,
-        ),
-        Err(e) => fail(
-            &format!("VM run failed: {e}"),
-            e.log().unwrap_or(""),
-            &daemon,
-        ),
-    };
-    eprintln!("{case}: VM ran in {:.1}s", out.elapsed.as_secs_f64());
-    let log = &out.log;
+        };
+        eprintln!("{case}: VM ran in {:.1}s", out.elapsed.as_secs_f64());
+        let log = &out.log;
 
-    let features = kv(log, "features").unwrap_or_else(|| fail("no features", log, &daemon));
-    if !feature(&features, F_VERSION_1) || !feature(&features, F_MRG_RXBUF) {
-        fail(
-            &format!("features {features}: want VERSION_1 and MRG_RXBUF"),
-            log,
-            &daemon,
-        );
-    }
-    if feature(&features, F_RING_PACKED) != (ring == Ring::Packed) {
-        fail(
-            &format!("features {features}: RING_PACKED does not match {ring:?}"),
-            log,
-            &daemon,
-        );
-    }
-    if queue_pairs > 1 {
-        let queues = kv(log, "queues").unwrap_or_default();
-        if !feature(&features, F_MQ) || queues.trim() != queue_pairs.to_string() {
+        let features = kv(log, "features").unwrap_or_else(|| fail("no features", log, &daemon));
+        if !feature(&features, F_VERSION_1) || !feature(&features, F_MRG_RXBUF) {
             fail(
-                &format!("features {features}, {queues} queues: want MQ with {queue_pairs}"),
+                &format!("features {features}: want VERSION_1 and MRG_RXBUF"),
                 log,
                 &daemon,
             );
         }
-    }
-    if kv(log, "mac").as_deref() != Some(GUEST_MAC) {
-        fail("the guest's MAC address is not the one given", log, &daemon);
-    }
-    let transfers = match endpoints.join() {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => fail(&format!("host endpoint: {e}"), log, &daemon),
-        Err(_) => fail("host endpoint thread panicked", log, &daemon),
-    };
-    if transfers.uploaded.len() != TRANSFER {
-        fail(
-            &format!(
-                "uploaded {} bytes, want {TRANSFER}",
-                transfers.uploaded.len()
+        if feature(&features, F_RING_PACKED) != (ring == Ring::Packed) {
+            fail(
+                &format!("features {features}: RING_PACKED does not match {ring:?}"),
+                log,
+                &daemon,
+            );
+        }
+        if queue_pairs > 1 {
+            let queues = kv(log, "queues").unwrap_or_default();
+            if !feature(&features, F_MQ) || queues.trim() != queue_pairs.to_string() {
+                fail(
+                    &format!("features {features}, {queues} queues: want MQ with {queue_pairs}"),
+                    log,
+                    &daemon,
+                );
+            }
+        }
+        if kv(log, "mac").as_deref() != Some(GUEST_MAC) {
+            fail("the guest's MAC address is not the one given", log, &daemon);
+        }
+        let transfers = match endpoints.join() {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => fail(&format!("host endpoint: {e}"), log, &daemon),
+            Err(_) => fail("host endpoint thread panicked", log, &daemon),
+        };
+        if transfers.uploaded.len() != TRANSFER {
+            fail(
+                &format!(
+                    "uploaded {} bytes, want {TRANSFER}",
+                    transfers.uploaded.len()
+                ),
+                log,
+                &daemon,
+            );
+        }
+        if kv(log, "up_sha").as_deref() != Some(sha256(&transfers.uploaded).as_str()) {
+            fail(
+                "the upload's SHA-256 differs between guest and host",
+                log,
+                &daemon,
+            );
+        }
+        if kv(log, "down_size").map(|s| s.trim().to_owned()).as_deref()
+            != Some(TRANSFER.to_string().as_str())
+        {
+            fail(
+                "the guest received a download of the wrong size",
+                log,
+                &daemon,
+            );
+        }
+        if kv(log, "down_sha").as_deref() != Some(sha256(&download).as_str()) {
+            fail(
+                "the download's SHA-256 differs between host and guest",
+                log,
+                &daemon,
+            );
+        }
+        match daemon.try_wait() {
+            Ok(None) => {}
+            Ok(Some(s)) => fail(
+                &format!("the daemon exited ({s}) after the VM"),
+                log,
+                &daemon,
             ),
-            log,
-            &daemon,
-        );
-    }
-    if kv(log, "up_sha").as_deref() != Some(sha256(&transfers.uploaded).as_str()) {
-        fail(
-            "the upload's SHA-256 differs between guest and host",
-            log,
-            &daemon,
-        );
-    }
-    if kv(log, "down_size").map(|s| s.trim().to_owned()).as_deref()
-        != Some(TRANSFER.to_string().as_str())
-    {
-        fail(
-            "the guest received a download of the wrong size",
-            log,
-            &daemon,
-        );
-    }
-    if kv(log, "down_sha").as_deref() != Some(sha256(&download).as_str()) {
-        fail(
-            "the download's SHA-256 differs between host and guest",
-            log,
-            &daemon,
-        );
-    }
-    match daemon.try_wait() {
-        Ok(None) => {}
-        Ok(Some(s)) => fail(
-            &format!("the daemon exited ({s}) after the VM"),
-            log,
-            &daemon,
-        ),
-        Err(e) => fail(&format!("checking the daemon: {e}"), log, &daemon),
+            Err(e) => fail(&format!("checking the daemon: {e}"), log, &daemon),
+        }
+        eprintln!("{case}: VM {round} ({ring:?}) passed");
     }
     let (status, dlog) = ok(daemon.stop());
     if !status.success() {
@@ -397,19 +402,25 @@ fn net_case(case: &str, ring: Ring, queue_pairs: u16) {
 
 #[test]
 fn e2e_net_ping_and_transfers_split() {
-    net_case("split", Ring::Split, 1);
+    net_case("split", &[Ring::Split], 1);
 }
 
 #[test]
 fn e2e_net_ping_and_transfers_packed() {
-    net_case("packed", Ring::Packed, 1);
+    net_case("packed", &[Ring::Packed], 1);
+}
+
+/// A second VM (packed, after a split one) on the same socket after the first exited.
+#[test]
+fn e2e_net_second_vm_served_after_the_first_exits() {
+    net_case("second", &[Ring::Split, Ring::Packed], 1);
 }
 
 /// Two queue pairs (`mq=on,vectors=6` on two vCPUs): QEMU serves the control queue and
 /// enables the second pair's rings; the TAP has a queue per pair.
 #[test]
 fn e2e_net_two_queue_pairs() {
-    net_case("mq", Ring::Split, 2);
+    net_case("mq", &[Ring::Split], 2);
 }
 
 /// `dpdk-testpmd` on PATH, if installed.
