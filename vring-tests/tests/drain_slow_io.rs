@@ -18,12 +18,13 @@
 )]
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vhost::VhostBackend;
-use vring_tests::e2e::{qemu_storage_daemon_binary, BackgroundProcess, TempDir};
+use vring_tests::e2e::blk::ThrottledFile;
+use vring_tests::e2e::{BackgroundProcess, TempDir};
 use vring_tests::frontend::blk::{GET_ID_LEN, VIRTIO_BLK_S_OK};
 use vring_tests::frontend::{BlkFrontend, BlkOp, FrontendOptions};
 
@@ -47,39 +48,6 @@ fn our_daemon() -> PathBuf {
         })
 }
 
-/// `qemu-storage-daemon` exporting `image` at 20 IOPS as the regular file `mountpoint`
-/// (FUSE). Waits until the export is mounted.
-fn slow_file(image: &Path, mountpoint: &Path) -> BackgroundProcess {
-    File::create(mountpoint).unwrap();
-    let esc = |p: &Path| p.to_string_lossy().replace(',', ",,");
-    let mut cmd = Command::new(qemu_storage_daemon_binary().unwrap());
-    cmd.arg("--blockdev")
-        .arg(format!("driver=file,filename={},node-name=f0", esc(image)))
-        .arg("--object")
-        .arg("throttle-group,id=tg0,x-iops-total=20")
-        .arg("--blockdev")
-        .arg("driver=throttle,throttle-group=tg0,file=f0,node-name=t0")
-        .arg("--export")
-        .arg(format!(
-            "type=fuse,id=e0,node-name=t0,mountpoint={},writable=on",
-            esc(mountpoint)
-        ));
-    let mut qsd = BackgroundProcess::spawn("qemu-storage-daemon", cmd).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::metadata(mountpoint).map(|m| m.len()).unwrap_or(0) != DISK {
-        if let Ok(Some(status)) = qsd.try_wait() {
-            panic!("qemu-storage-daemon exited ({status}):\n{}", qsd.log());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the FUSE export did not appear:\n{}",
-            qsd.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    qsd
-}
-
 #[test]
 fn draining_queue_does_not_stall_its_worker_neighbour() {
     if let Err(e) = io_uring::IoUring::new(2) {
@@ -89,8 +57,9 @@ fn draining_queue_does_not_stall_its_worker_neighbour() {
     let dir = TempDir::new("drain-slow").unwrap();
     let image = dir.path().join("disk.img");
     File::create(&image).unwrap().set_len(DISK).unwrap();
-    let slow = dir.path().join("slow.img");
-    let qsd = slow_file(&image, &slow);
+    let throttled = ThrottledFile::start_all_ops(&image, &dir.path().join("slow.img"), 20)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let slow = throttled.path().to_path_buf();
 
     let sock = dir.path().join("vhost.sock");
     let mut cmd = Command::new(our_daemon());
@@ -164,5 +133,5 @@ fn draining_queue_does_not_stall_its_worker_neighbour() {
     drop(fe);
     let (_, log) = daemon.stop().unwrap();
     assert!(!log.contains("still in flight"), "{log}");
-    let _ = qsd.stop();
+    drop(throttled);
 }

@@ -139,10 +139,10 @@ pub fn spawn_qsd_blk(
     Ok(process)
 }
 
-/// A disk image whose writes are slow, for tests that need requests in flight in the
-/// backend at a chosen moment: `qemu-storage-daemon` exports `image` through a throttle
-/// group of `write_iops` write operations per second, over FUSE, as the regular file
-/// [`Self::path`] that a backend serves. Reads are not throttled. Dropping it stops
+/// A disk image whose I/O is slow, for tests that need requests in flight in the backend
+/// at a chosen moment: `qemu-storage-daemon` exports `image` through a throttle group
+/// (writes only, [`Self::start`], or all operations, [`Self::start_all_ops`]), over
+/// FUSE, as the regular file [`Self::path`] that a backend serves. Dropping it stops
 /// qemu-storage-daemon, which unmounts the file (lazily unmounted here if not).
 pub struct ThrottledFile {
     process: Option<BackgroundProcess>,
@@ -153,6 +153,16 @@ impl ThrottledFile {
     /// Starts the export at `mountpoint` (created as an empty file) and waits (up to
     /// 10 s) until it is mounted.
     pub fn start(image: &Path, mountpoint: &Path, write_iops: u32) -> Result<Self> {
+        Self::start_throttled(image, mountpoint, &format!("x-iops-write={write_iops}"))
+    }
+
+    /// [`Self::start`] with reads and writes together limited to `iops` operations a
+    /// second.
+    pub fn start_all_ops(image: &Path, mountpoint: &Path, iops: u32) -> Result<Self> {
+        Self::start_throttled(image, mountpoint, &format!("x-iops-total={iops}"))
+    }
+
+    fn start_throttled(image: &Path, mountpoint: &Path, limit: &str) -> Result<Self> {
         let qsd = qemu_storage_daemon_binary()?;
         std::fs::File::create(mountpoint)
             .map_err(|e| E2eError::io(format!("creating {}", mountpoint.display()), e))?;
@@ -161,7 +171,7 @@ impl ThrottledFile {
         cmd.arg("--blockdev")
             .arg(format!("driver=file,node-name=f0,filename={}", esc(image)))
             .arg("--object")
-            .arg(format!("throttle-group,id=tg0,x-iops-write={write_iops}"))
+            .arg(format!("throttle-group,id=tg0,{limit}"))
             .arg("--blockdev")
             .arg("driver=throttle,throttle-group=tg0,file=f0,node-name=t0")
             .arg("--export")
