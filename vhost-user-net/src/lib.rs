@@ -53,4 +53,6 @@ pub use switch::{Forward, PortId, Switch, SwitchConfig};
 pub use tap::{Tap, TapError, TapOffloads, TapQueue};
 
 #[cfg(test)]
+mod test_guest;
+#[cfg(test)]
 mod test_netns;

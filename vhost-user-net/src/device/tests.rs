@@ -9,14 +9,12 @@
 
 #![allow(clippy::cast_possible_truncation)]
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_NOMULTI, VIRTIO_NET_CTRL_RX_PROMISC,
@@ -26,19 +24,16 @@ use virtio_bindings::virtio_net::{
 use virtio_core::driver::{DriverBuffer, DriverQueue};
 use virtio_core::vhost_user::{FrontendSocket, Server, ServerConfig};
 use virtio_core::RingLayout;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
-};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
 use crate::features::bit;
 use crate::hdr::VnetHeader;
+use crate::test_guest::GuestMem;
 use crate::test_netns::{in_netns, packet_socket, recv_ours, send, ETHERTYPE};
 
 const QSIZE: u16 = 64;
-const MEM_SIZE: usize = 4 << 20;
 const TIMEOUT: Duration = Duration::from_secs(5);
 const RING_PACKED: u64 = 1 << 34;
 const EVENT_IDX: u64 = 1 << 29;
@@ -51,44 +46,6 @@ fn frame(tag: u8, payload: usize) -> Vec<u8> {
     f.extend_from_slice(&ETHERTYPE);
     f.extend((0..payload).map(|i| tag.wrapping_add(i as u8)));
     f
-}
-
-struct GuestMem {
-    mem: GuestMemoryMmap<()>,
-    _file: File,
-}
-
-impl GuestMem {
-    fn new() -> Self {
-        // SAFETY: a valid C string; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"vunet-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a fresh descriptor we own.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        file.set_len(MEM_SIZE as u64).unwrap();
-        let mem = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(0),
-            MEM_SIZE,
-            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-        )])
-        .unwrap();
-        GuestMem { mem, _file: file }
-    }
-
-    fn region(&self) -> VhostUserMemoryRegionInfo {
-        let r = self.mem.iter().next().unwrap();
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: r.len(),
-            userspace_addr: r.get_host_address(MemoryRegionAddress(0)).unwrap() as u64,
-            mmap_offset: 0,
-            mmap_handle: r.file_offset().unwrap().file().as_raw_fd(),
-        }
-    }
-
-    fn user_addr(&self, gpa: u64) -> u64 {
-        self.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
-    }
 }
 
 struct Ring {

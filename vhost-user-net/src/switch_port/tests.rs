@@ -7,30 +7,25 @@
 #![allow(clippy::cast_possible_truncation, clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_core::driver::{DriverBuffer, DriverQueue};
 use virtio_core::vhost_user::{FrontendSocket, Server, ServerConfig};
 use virtio_core::RingLayout;
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MemoryRegionAddress,
-};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd as TestEventFd, EFD_NONBLOCK as NONBLOCK};
 
 use super::*;
 use crate::features::bit;
+use crate::test_guest::GuestMem;
 
 const QSIZE: u16 = 64;
-const MEM_SIZE: usize = 4 << 20;
 const TIMEOUT: Duration = Duration::from_secs(5);
 const RING_PACKED: u64 = 1 << 34;
 const RX_BUF: u64 = 0x20_0000;
@@ -50,8 +45,7 @@ fn frame(dst: [u8; 6], src: [u8; 6], tag: u8) -> Vec<u8> {
 }
 
 struct Guest {
-    mem: GuestMemoryMmap<()>,
-    _file: File,
+    mem: GuestMem,
     _fe: Frontend,
     rx: DriverQueue,
     tx: DriverQueue,
@@ -63,18 +57,8 @@ struct Guest {
 
 impl Guest {
     fn connect(stream: UnixStream, layout: RingLayout, mrg_rxbuf: bool) -> Guest {
-        // SAFETY: a valid C string; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"vusw-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a fresh descriptor we own.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        file.set_len(MEM_SIZE as u64).unwrap();
-        let mem = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(0),
-            MEM_SIZE,
-            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-        )])
-        .unwrap();
+        let guest = GuestMem::new();
+        let mem = &guest.mem;
         let mut fe = Frontend::from_stream(stream, 2);
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
@@ -98,15 +82,7 @@ impl Guest {
         .unwrap();
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         assert_eq!(fe.get_queue_num().unwrap(), 2);
-        let r = mem.iter().next().unwrap();
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: r.len(),
-            userspace_addr: r.get_host_address(MemoryRegionAddress(0)).unwrap() as u64,
-            mmap_offset: 0,
-            mmap_handle: r.file_offset().unwrap().file().as_raw_fd(),
-        };
-        fe.set_mem_table(&[region]).unwrap();
+        fe.set_mem_table(&[guest.region()]).unwrap();
         let kicks = [
             TestEventFd::new(NONBLOCK).unwrap(),
             TestEventFd::new(NONBLOCK).unwrap(),
@@ -118,8 +94,7 @@ impl Guest {
         let mut queues = Vec::new();
         for i in 0..2usize {
             let q = DriverQueue::new(layout, QSIZE, 0x10000 * (i as u64 + 1), false);
-            q.init(&mem).unwrap();
-            let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+            q.init(mem).unwrap();
             fe.set_vring_num(i, QSIZE).unwrap();
             fe.set_vring_base(i, 0).unwrap();
             fe.set_vring_addr(
@@ -128,9 +103,9 @@ impl Guest {
                     queue_max_size: QSIZE,
                     queue_size: QSIZE,
                     flags: 0,
-                    desc_table_addr: host(q.desc_table()),
-                    used_ring_addr: host(q.device_area()),
-                    avail_ring_addr: host(q.driver_area()),
+                    desc_table_addr: guest.user_addr(q.desc_table()),
+                    used_ring_addr: guest.user_addr(q.device_area()),
+                    avail_ring_addr: guest.user_addr(q.driver_area()),
                     log_addr: None,
                 },
             )
@@ -143,8 +118,7 @@ impl Guest {
         let tx = queues.pop().unwrap();
         let rx = queues.pop().unwrap();
         Guest {
-            mem,
-            _file: file,
+            mem: guest,
             _fe: fe,
             rx,
             tx,
@@ -162,7 +136,7 @@ impl Guest {
             let id = self
                 .rx
                 .add_chain(
-                    &self.mem,
+                    &self.mem.mem,
                     &[DriverBuffer {
                         addr,
                         len: 0x800,
@@ -181,11 +155,11 @@ impl Guest {
         self.next_tx += 0x1000;
         let mut b = vec![0u8; 12];
         b.extend_from_slice(f);
-        self.mem.write_slice(&b, GuestAddress(at)).unwrap();
+        self.mem.mem.write_slice(&b, GuestAddress(at)).unwrap();
         let id = self
             .tx
             .add_chain(
-                &self.mem,
+                &self.mem.mem,
                 &[DriverBuffer {
                     addr: at,
                     len: b.len() as u32,
@@ -196,7 +170,7 @@ impl Guest {
         self.kicks[1].write(1).unwrap();
         let start = Instant::now();
         loop {
-            if let Some(u) = self.tx.pop_used(&self.mem).unwrap() {
+            if let Some(u) = self.tx.pop_used(&self.mem.mem).unwrap() {
                 assert_eq!(u, (id, 0));
                 return;
             }
@@ -209,10 +183,10 @@ impl Guest {
     fn recv(&mut self) -> Vec<u8> {
         let start = Instant::now();
         loop {
-            if let Some((id, len)) = self.rx.pop_used(&self.mem).unwrap() {
+            if let Some((id, len)) = self.rx.pop_used(&self.mem.mem).unwrap() {
                 let addr = self.rx_addrs[&id];
                 let mut b = vec![0u8; len as usize];
-                self.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+                self.mem.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
                 assert!(b.len() >= 12);
                 // A plain header: no flags, no GSO, num_buffers 1.
                 assert_eq!(&b[..10], &[0u8; 10]);
@@ -226,7 +200,7 @@ impl Guest {
 
     fn assert_nothing(&mut self) {
         std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(self.rx.pop_used(&self.mem).unwrap(), None);
+        assert_eq!(self.rx.pop_used(&self.mem.mem).unwrap(), None);
     }
 }
 
