@@ -1510,6 +1510,37 @@ fn adaptive_engine_serves_tmpfs_files_inline() {
     assert_eq!(c.inline, 3, "{c:?}");
 }
 
+/// Which 4 KiB pages of the first `len` bytes of `file` are in the page cache, without
+/// reading them (an unaccessed shared mapping and mincore(2)).
+fn resident_pages(file: &std::fs::File, len: usize) -> Vec<bool> {
+    // SAFETY: a fresh read-only shared mapping of a file we own; checked below, never
+    // dereferenced, and unmapped before returning.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        addr,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: `addr..addr+len` is the mapping made above and `vec` holds one byte per page.
+    let r = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: unmaps exactly the mapping made above.
+    unsafe { libc::munmap(addr, len) };
+    assert_eq!(r, 0, "mincore: {err}");
+    vec.iter().map(|b| b & 1 != 0).collect()
+}
+
 #[test]
 fn adaptive_engine_reads_cached_pages_inline_and_sends_others_to_io_uring() {
     if !adaptive_available() {
@@ -1535,17 +1566,42 @@ fn adaptive_engine_reads_cached_pages_inline_and_sends_others_to_io_uring() {
         let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, advice) };
         assert_eq!(r, 0);
     };
-    advise(0, 0, libc::POSIX_FADV_DONTNEED);
     advise(0, 0, libc::POSIX_FADV_RANDOM);
+    // Two kernel behaviours make one attempt racy, so the scenario is tried a bounded
+    // number of times: POSIX_FADV_DONTNEED is advice (a page still locked or under
+    // writeback stays), checked here with mincore; and the RWF_NOWAIT read that misses
+    // at 4 KiB starts readahead before it gives up, so on a fast disk the rest can be
+    // in the page cache before the read returns and the whole request is one inline
+    // read. Only that outcome is retried; any other is asserted below.
     let mut first = vec![0u8; 4096];
-    file.read_exact_at(&mut first, 0).unwrap();
-    let before = h.bq.path_counts().unwrap();
-    assert_eq!(
-        h.read_sync(0, 65536),
-        data,
-        "nothing lost or doubled across the fallback"
-    );
-    let c = h.bq.path_counts().unwrap();
+    let mut outcome = None;
+    for _ in 0..10 {
+        advise(0, 0, libc::POSIX_FADV_DONTNEED);
+        file.read_exact_at(&mut first, 0).unwrap();
+        let resident = resident_pages(&file, data.len());
+        if !(resident[0] && resident[1..].iter().all(|r| !r)) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
+        let before = h.bq.path_counts().unwrap();
+        assert_eq!(
+            h.read_sync(0, 65536),
+            data,
+            "nothing lost or doubled across the fallback"
+        );
+        let c = h.bq.path_counts().unwrap();
+        let all_inline = c.inline - before.inline == 1
+            && c.would_block == before.would_block
+            && c.uring == before.uring;
+        outcome = Some((before, c));
+        if !all_inline {
+            break;
+        }
+    }
+    let Some((before, c)) = outcome else {
+        println!("SKIPPED: the page cache kept more than the first page of the file");
+        return;
+    };
     assert_eq!(
         c.inline - before.inline,
         1,
