@@ -1571,8 +1571,8 @@ fn adaptive_engine_reads_cached_pages_inline_and_sends_others_to_io_uring() {
     // number of times: POSIX_FADV_DONTNEED is advice (a page still locked or under
     // writeback stays), checked here with mincore; and the RWF_NOWAIT read that misses
     // at 4 KiB starts readahead before it gives up, so on a fast disk the rest can be
-    // in the page cache before the read returns and the whole request is one inline
-    // read. Only that outcome is retried; any other is asserted below.
+    // in the page cache before the read returns and the whole request is served inline.
+    // Only that outcome is retried; any other is asserted below.
     let mut first = vec![0u8; 4096];
     let mut outcome = None;
     for _ in 0..10 {
@@ -1590,33 +1590,38 @@ fn adaptive_engine_reads_cached_pages_inline_and_sends_others_to_io_uring() {
             "nothing lost or doubled across the fallback"
         );
         let c = h.bq.path_counts().unwrap();
-        let all_inline = c.inline - before.inline == 1
-            && c.would_block == before.would_block
-            && c.uring == before.uring;
-        outcome = Some((before, c));
+        // However many RWF_NOWAIT reads it took, none was refused.
+        let all_inline = c.would_block == before.would_block && c.uring == before.uring;
+        outcome = Some((before, c, all_inline));
         if !all_inline {
             break;
         }
     }
-    let Some((before, c)) = outcome else {
+    let Some((before, c, all_inline)) = outcome else {
         println!("SKIPPED: the page cache kept more than the first page of the file");
         return;
     };
-    assert_eq!(
-        c.inline - before.inline,
-        1,
-        "the cached page was read inline: {c:?}"
-    );
-    assert_eq!(
-        c.would_block - before.would_block,
-        1,
-        "then RWF_NOWAIT refused: {c:?}"
-    );
-    assert_eq!(
-        c.uring - before.uring,
-        1,
-        "and io_uring read the rest: {c:?}"
-    );
+    if all_inline {
+        // The disk finished the readahead inside every RWF_NOWAIT read: the fallback
+        // cannot be observed here (the data was still checked above).
+        println!("SKIPPED the io_uring fallback checks: readahead won the race every time");
+    } else {
+        assert_eq!(
+            c.inline - before.inline,
+            1,
+            "the cached page was read inline: {c:?}"
+        );
+        assert_eq!(
+            c.would_block - before.would_block,
+            1,
+            "then RWF_NOWAIT refused: {c:?}"
+        );
+        assert_eq!(
+            c.uring - before.uring,
+            1,
+            "and io_uring read the rest: {c:?}"
+        );
+    }
     // Cached reads stay inline.
     let before = h.bq.path_counts().unwrap();
     assert_eq!(h.read_sync(0, 32768), data[..32768]);
