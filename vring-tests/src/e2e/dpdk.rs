@@ -39,7 +39,7 @@ pub const TESTPMD_ENV: &str = "E2E_TESTPMD";
 pub const PROMPT: &str = "testpmd> ";
 
 /// The end of [`PROMPT`], what start-up waits for (see [`TestPmd::spawn`]).
-const PROMPT_END: &str = "pmd> ";
+const PROMPT_END: &str = "> ";
 
 /// Default limit for one interactive command (and for the start-up prompt).
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
@@ -515,7 +515,8 @@ impl TestPmd {
         };
         // The end of the prompt only: stdout and stderr share the log, and a port without
         // promiscuous mode (a backend without a control queue) prints its error on stderr
-        // while testpmd prints its first prompt ("test" + error + "pmd> ").
+        // anywhere inside testpmd's first prompt (seen: "test" + error + "pmd> " and
+        // "testp" + error + "md> "); start-up output before it has no "> ".
         let startup =
             pmd.wait_for_after(0, PROMPT_END, self.startup_timeout, "the first prompt")?;
         // testpmd carries on without the ports that failed to probe.
