@@ -20,7 +20,7 @@ use clap::Parser;
 use log::{error, info};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use vhost_user_net::config::{validate_mtu, MacAddr};
+use vhost_user_net::config::{validate_mtu, MacAddr, DEFAULT_MTU};
 use vhost_user_net::features::MAX_QUEUE_PAIRS;
 use vhost_user_net::switch::SwitchConfig;
 use vhost_user_net::switch_port::{SwitchHub, SwitchPortDevice};
@@ -81,7 +81,9 @@ struct Options {
     /// TAP name, locally administered).
     #[arg(long, value_parser = parse_mac)]
     mac: Option<MacAddr>,
-    /// MTU to report to the guest (VIRTIO_NET_F_MTU; 68..=65535). Not offered if unset.
+    /// MTU to report to the guest (VIRTIO_NET_F_MTU; 68..=65535). With a TAP: not offered
+    /// if unset. In switch mode always offered (default 1500): the switch forwards frames
+    /// up to the MTU plus 22 bytes of link-layer headers and drops (and counts) longer ones.
     #[arg(long, value_parser = parse_mtu)]
     mtu: Option<u16>,
     /// Queue pairs offered (MQ above 1); the TAP gets as many queues.
@@ -91,7 +93,8 @@ struct Options {
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..=32768))]
     queue_size: u16,
     /// Busy-poll each ring for this many microseconds before sleeping on its kick (a
-    /// fixed window; 0: the adaptive window below).
+    /// fixed window; 0: the adaptive window below). In switch mode each port also polls
+    /// its frame queue as long after it ran empty.
     #[arg(long, default_value_t = 0)]
     poll_us: u64,
     /// Adaptive polling: poll for a window learned from recent gaps between requests, at
@@ -180,8 +183,12 @@ fn run() -> Result<(), String> {
 
 /// Switch mode: one server (and thread) per `--switch` socket, all ports of one switch.
 fn run_switch(options: &Options) -> Result<(), String> {
-    let hub =
-        SwitchHub::new(options.switch.len(), SwitchConfig::default()).map_err(|e| e.to_string())?;
+    let hub = SwitchHub::new(
+        options.switch.len(),
+        SwitchConfig::default(),
+        options.mtu.unwrap_or(DEFAULT_MTU),
+    )
+    .map_err(|e| e.to_string())?;
     // Before any socket exists: a supervisor that sees the socket may signal at once.
     let mut signals =
         Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("installing signal handlers: {e}"))?;
@@ -190,8 +197,9 @@ fn run_switch(options: &Options) -> Result<(), String> {
         let seed = path.display().to_string();
         let mac = MacAddr::from_seed(seed.as_bytes());
         let device = Arc::new(
-            SwitchPortDevice::new(Arc::clone(&hub), port, mac, options.mtu, options.queue_size)
-                .map_err(|e| e.to_string())?,
+            SwitchPortDevice::new(Arc::clone(&hub), port, mac, options.queue_size)
+                .map_err(|e| e.to_string())?
+                .with_rx_poll(std::time::Duration::from_micros(options.poll_us)),
         );
         let config = ServerConfig {
             poll_us: options.poll_us,

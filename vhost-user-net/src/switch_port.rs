@@ -5,24 +5,40 @@
 //! # Forwarding path
 //!
 //! Each port has a bounded multi-producer, single-consumer [`FrameQueue`] of preallocated
-//! slots (a frame of up to 64 KiB plus its vnet header each) and an eventfd. The worker
-//! thread of port A pops a batch of transmit chains, reads their Ethernet headers, takes
-//! the forwarding-table mutex **once per batch** to decide every frame's destination
-//! ([`Switch::forward`]), releases it, then copies each frame straight from guest memory
-//! into the destination port's queue (flooded frames into the queue of every other
-//! connected port) and signals each destination's eventfd once per batch. Port B's
-//! handler, woken by that eventfd, drains its queue into receive chains (MRG_RXBUF aware,
-//! with a fresh vnet header of its own length). The queues take no lock (per-slot
-//! sequence numbers, Vyukov's bounded queue); the table mutex is shared by all ports but
-//! held only for the table lookups of one batch, never while copying.
+//! slots (one contiguous arena, a slot per frame of up to the switch's MTU plus link-layer
+//! headers: [`max_frame_len`]) and an eventfd. The worker thread of port A pops a batch of
+//! transmit chains (prefetching their headers as it pops), reads their Ethernet headers,
+//! takes the forwarding-table mutex **once per batch** to decide every frame's destination
+//! ([`Switch::forward`]; a frame with the addresses of the one before it reuses its
+//! verdict), releases it, then copies each frame straight from guest memory into the
+//! destination port's queue (flooded frames into the queue of every other connected
+//! port). Port B's handler drains its queue into receive chains (MRG_RXBUF aware, with a
+//! fresh vnet header of its own length) and publishes their used elements once per batch.
+//! The queues take no lock (per-slot sequence numbers, Vyukov's bounded queue); the table
+//! mutex is shared by all ports but held only for the table lookups of one batch, never
+//! while copying.
 //!
-//! # Drops
+//! Wake-ups are suppressed as virtio's notifications are: a consumer says it is going to
+//! sleep (and re-checks its queue) before its worker waits, and a producer writes the
+//! consumer's eventfd only then, once per batch; a busy port costs its senders no system
+//! call.
 //!
-//! A switch drops rather than blocks: a frame that finds its destination queue full is
-//! dropped and counted on the destination port (`drop_full`). Frames waiting in a queue
-//! while the port's guest posts no receive buffers stay there (the queue fills and further
-//! frames are dropped). Malformed frames (bad vnet header, too big, group source address,
-//! unknown port) are dropped and counted on the ingress port (`drop_bad`).
+//! # Backpressure and drops
+//!
+//! A unicast frame that finds its destination queue full while the destination is
+//! draining it **waits**: the sender keeps that frame and the rest of its batch (its
+//! transmit ring fills, as with a TAP that will not take more), registers with the
+//! destination queue, and goes on when the destination's worker frees slots and wakes it
+//! through its eventfd. Other work of the sender's worker (its own receive queue) goes on
+//! meanwhile, so two ports sending to each other never wait for each other.
+//!
+//! A switch must not let one port stop the others, so there is no waiting for a
+//! destination that is **stalled** (its guest posts no receive buffers, or its receive
+//! queue is disabled) or disconnected, nor for flooded frames: those frames are dropped
+//! and counted on the destination port (`drop_full`). Frames waiting in a stalled port's
+//! queue stay there and are delivered, oldest first, when buffers come. Malformed frames
+//! (bad vnet header, longer than the MTU allows, group source address, unknown port) are
+//! dropped and counted on the ingress port (`drop_bad`).
 //!
 //! # Offloads
 //!
@@ -40,7 +56,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use virtio_core::vhost_user::{
@@ -50,7 +66,7 @@ use virtio_core::vhost_user::{
 use virtio_core::{merged_chains_needed, write_merged, DescriptorChain};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{MacAddr, VirtioNetConfig, DEFAULT_MTU};
+use crate::config::{validate_mtu, MacAddr, VirtioNetConfig};
 use crate::features::{self, CtrlVqPolicy, Negotiated, OfferOptions, VNET_HDR_LEN};
 use crate::hdr::{set_num_buffers, VnetHeader};
 use crate::switch::{Forward, PortId, Switch, SwitchConfig, SwitchError};
@@ -59,14 +75,28 @@ use crate::tap::TapOffloads;
 /// Slots of each port's frame queue.
 pub const QUEUE_SLOTS: usize = 256;
 
-/// Bytes of one slot: a 64 KiB frame plus link-layer headers behind a vnet header.
-pub const SLOT_LEN: usize = 65536 + 256 + VNET_HDR_LEN;
+/// Bytes of link-layer header a frame may carry on top of its MTU: the Ethernet header
+/// and two VLAN tags (802.1ad).
+const L2_OVERHEAD: usize = ETH_HLEN + 8;
+
+/// The longest frame a switch of MTU `mtu` forwards (the length of a queue slot): the MTU
+/// plus 22 bytes (the Ethernet header and two VLAN tags), rounded up to a cache line.
+pub fn max_frame_len(mtu: u16) -> usize {
+    (usize::from(mtu) + L2_OVERHEAD).next_multiple_of(64)
+}
 
 /// Transmit chains forwarded per table lookup (one mutex acquisition).
 const TX_BATCH: usize = 64;
 
 /// Most receive chains one frame may span with MRG_RXBUF.
 const MAX_MERGED_CHAINS: usize = 256;
+
+/// Bytes of a transmitted chain prefetched when it is popped: the vnet and Ethernet
+/// headers and a small frame.
+const PREFETCH_LEN: usize = 128;
+
+/// Frames delivered into receive chains before their used elements are published.
+const RX_BATCH: usize = 64;
 
 /// Length of an Ethernet header.
 const ETH_HLEN: usize = 14;
@@ -99,10 +129,25 @@ pub enum SwitchModeError {
     EventFd(#[source] std::io::Error),
 }
 
+/// A slot's sequence number and length, alone on a cache line: producers publishing the
+/// next slots do not take the line the consumer is reading from it (false sharing was a
+/// tenth of the receive side's time at 64-byte frames).
+#[repr(align(64))]
 struct Slot {
     seq: AtomicUsize,
     len: UnsafeCell<usize>,
-    data: UnsafeCell<Box<[u8]>>,
+}
+
+/// A value alone on its cache line pair (the adjacent-line prefetcher pulls pairs).
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct CachePadded<T>(T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// What [`FrameQueue::push_with`] did.
@@ -119,24 +164,46 @@ pub enum Push {
 /// A bounded multi-producer, single-consumer queue of frames in preallocated slots
 /// (D. Vyukov's bounded queue: a sequence number per slot, no lock). Producers copy a
 /// frame into a free slot ([`Self::push_with`]); the one [`Consumer`] reads it in place.
+///
+/// The slots are one contiguous arena of `capacity × slot_len` bytes, sized for the
+/// largest frame the switch forwards (its MTU), so that the slots in use stay in the
+/// caches and a few TLB entries: at 64-byte frames the copy into a cold 64 KiB slot
+/// (one page and several cache misses per frame) was the largest cost of forwarding.
+///
+/// The consumer can sleep: [`Consumer::prepare_to_sleep`] tells producers to wake it,
+/// and [`Self::take_wake_up`] tells a producer whether it has to (notification
+/// suppression in the manner of virtio's, so a busy consumer costs its producers no
+/// eventfd write per batch).
 pub struct FrameQueue {
     slots: Box<[Slot]>,
+    arena: Box<[UnsafeCell<u8>]>,
+    slot_len: usize,
     mask: usize,
-    tail: AtomicUsize,
-    head: AtomicUsize,
+    /// Written by every producer.
+    tail: CachePadded<AtomicUsize>,
+    /// Written by the consumer only.
+    head: CachePadded<AtomicUsize>,
     consumer_taken: AtomicBool,
+    consumer_sleeping: CachePadded<AtomicBool>,
+    /// Producers waiting for a free slot: bit `port % 64` of each ([`Self::wait_for_space`]).
+    waiters: CachePadded<AtomicU64>,
+    /// The consumer cannot deliver (its guest posts no receive buffers): producers drop
+    /// instead of waiting.
+    stalled: AtomicBool,
 }
 
-// SAFETY: a slot's `len` and `data` are written only by the producer that claimed the slot
-// (CAS on `tail` while `seq == pos`) before it publishes it (`seq = pos + 1`, release), and
-// read only by the single consumer (guaranteed by `consumer_taken`) after it observed that
-// publication (acquire) and before it frees the slot (`seq = pos + capacity`, release).
+// SAFETY: a slot's `len` and its bytes of `arena` are written only by the producer that
+// claimed the slot (CAS on `tail` while `seq == pos`) before it publishes it
+// (`seq = pos + 1`, release), and read only by the single consumer (guaranteed by
+// `consumer_taken`) after it observed that publication (acquire) and before it frees the
+// slot (`seq = pos + capacity`, release). Slots do not overlap in the arena.
 unsafe impl Sync for FrameQueue {}
 
 impl std::fmt::Debug for FrameQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrameQueue")
             .field("capacity", &self.slots.len())
+            .field("slot_len", &self.slot_len)
             .field("head", &self.head.load(Ordering::Relaxed))
             .field("tail", &self.tail.load(Ordering::Relaxed))
             .finish()
@@ -145,22 +212,34 @@ impl std::fmt::Debug for FrameQueue {
 
 impl FrameQueue {
     /// A queue of `capacity` (rounded up to a power of two) slots of `slot_len` bytes,
-    /// allocated here, once (zeroed pages: memory is touched only as slots are used).
+    /// allocated here, once.
     pub fn new(capacity: usize, slot_len: usize) -> FrameQueue {
         let capacity = capacity.max(2).next_power_of_two();
+        let slot_len = slot_len.max(1);
         FrameQueue {
             slots: (0..capacity)
                 .map(|i| Slot {
                     seq: AtomicUsize::new(i),
                     len: UnsafeCell::new(0),
-                    data: UnsafeCell::new(vec![0u8; slot_len].into_boxed_slice()),
                 })
                 .collect(),
+            arena: (0..capacity * slot_len)
+                .map(|_| UnsafeCell::new(0))
+                .collect(),
+            slot_len,
             mask: capacity - 1,
-            tail: AtomicUsize::new(0),
-            head: AtomicUsize::new(0),
+            tail: CachePadded(AtomicUsize::new(0)),
+            head: CachePadded(AtomicUsize::new(0)),
             consumer_taken: AtomicBool::new(false),
+            consumer_sleeping: CachePadded(AtomicBool::new(false)),
+            waiters: CachePadded(AtomicU64::new(0)),
+            stalled: AtomicBool::new(false),
         }
+    }
+
+    /// Bytes of one slot: the longest frame the queue holds.
+    pub fn slot_len(&self) -> usize {
+        self.slot_len
     }
 
     /// Claims a free slot and lets `fill` write a frame into it; `fill` returns the bytes
@@ -190,9 +269,20 @@ impl FrameQueue {
             }
         };
         // SAFETY: this producer claimed the slot (see the `Sync` impl): nobody else
-        // touches `data` or `len` until it is published below.
-        let (data, len) = unsafe { (&mut *slot.data.get(), &mut *slot.len.get()) };
-        let filled = fill(data).map(|n| n.min(data.len()));
+        // touches its bytes or `len` until it is published below. The range lies in the
+        // arena: the index is masked below `capacity` and the arena holds `capacity`
+        // slots of `slot_len` bytes; `UnsafeCell<u8>` has the layout of `u8`.
+        let (data, len) = unsafe {
+            let base = self.arena.as_ptr().cast::<u8>().cast_mut();
+            (
+                std::slice::from_raw_parts_mut(
+                    base.add((pos & self.mask) * self.slot_len),
+                    self.slot_len,
+                ),
+                &mut *slot.len.get(),
+            )
+        };
+        let filled = fill(data).map(|n| n.min(self.slot_len));
         // An empty slot (len 0) is skipped by the consumer.
         *len = filled.unwrap_or(0);
         slot.seq.store(pos.wrapping_add(1), Ordering::Release);
@@ -203,19 +293,64 @@ impl FrameQueue {
         }
     }
 
+    /// Whether a producer that queued frames has to wake the consumer (it said it would
+    /// sleep); only one producer is told so per sleep.
+    pub fn take_wake_up(&self) -> bool {
+        // Pairs with the fence in `Consumer::prepare_to_sleep`: either the consumer sees
+        // the frames queued before this point, or this load sees it sleeping.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.consumer_sleeping.load(Ordering::Relaxed)
+            && self.consumer_sleeping.swap(false, Ordering::AcqRel)
+    }
+
+    /// Registers producer `port` as waiting for a free slot, after a push found the queue
+    /// full. The caller then tries the push again: either that push finds the slot the
+    /// consumer freed meanwhile, or the consumer sees the registration and wakes `port`
+    /// ([`Consumer::take_waiters`]). Returns false if the consumer is stalled: do not wait,
+    /// drop.
+    pub fn wait_for_space(&self, port: usize) -> bool {
+        self.waiters.fetch_or(1 << (port % 64), Ordering::SeqCst);
+        !self.stalled.load(Ordering::SeqCst)
+    }
+
+    /// Whether the consumer said it cannot deliver ([`Consumer::set_stalled`]).
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::SeqCst)
+    }
+
     /// The single consumer, unless it is taken already.
     pub fn consumer(self: &Arc<Self>) -> Option<Consumer> {
-        self.consumer_taken
+        let taken = self
+            .consumer_taken
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-            .then(|| Consumer {
+            .is_ok();
+        // A new consumer has not looked at the queue yet: the first frame wakes it.
+        taken.then(|| {
+            self.consumer_sleeping.store(true, Ordering::Release);
+            self.stalled.store(false, Ordering::SeqCst);
+            Consumer {
                 queue: Arc::clone(self),
-            })
+                head_ready: false,
+            }
+        })
     }
 
     fn slot(&self, pos: usize) -> &Slot {
         // The index is masked: always in bounds (the slot count is mask + 1).
         &self.slots[pos & self.mask]
+    }
+
+    fn slot_data(&self, pos: usize, len: usize) -> &[u8] {
+        // SAFETY: the caller is the consumer and the slot at `pos` is published (see the
+        // `Sync` impl): no producer writes it until the consumer frees it. The range lies
+        // in the arena (masked index, `len <= slot_len`).
+        unsafe {
+            let base = self.arena.as_ptr().cast::<u8>();
+            std::slice::from_raw_parts(
+                base.add((pos & self.mask) * self.slot_len),
+                len.min(self.slot_len),
+            )
+        }
     }
 }
 
@@ -223,28 +358,32 @@ impl FrameQueue {
 #[derive(Debug)]
 pub struct Consumer {
     queue: Arc<FrameQueue>,
+    /// [`Self::front`] saw the head slot published: [`Self::pop`] need not look again.
+    head_ready: bool,
 }
 
 impl Consumer {
     /// The oldest queued frame, left in the queue (empty slots are skipped).
     pub fn front(&mut self) -> Option<&[u8]> {
         loop {
-            let q = &*self.queue;
-            let pos = q.head.load(Ordering::Relaxed);
-            let slot = q.slot(pos);
-            if slot.seq.load(Ordering::Acquire) != pos.wrapping_add(1) {
-                return None;
-            }
-            // SAFETY: the slot was published (acquire above) and only this consumer reads
-            // it until `pop` frees it.
-            let len = unsafe { *slot.len.get() };
+            let (pos, len) = {
+                let q = &*self.queue;
+                let pos = q.head.load(Ordering::Relaxed);
+                let slot = q.slot(pos);
+                if slot.seq.load(Ordering::Acquire) != pos.wrapping_add(1) {
+                    return None;
+                }
+                // SAFETY: the slot was published (acquire above) and only this consumer
+                // reads it until `pop` frees it.
+                (pos, unsafe { *slot.len.get() })
+            };
+            self.head_ready = true;
             if len == 0 {
                 self.pop();
                 continue;
             }
-            // SAFETY: as above; the borrow ends before `pop` (it takes `&mut self`).
-            let data = unsafe { &*slot.data.get() };
-            return data.get(..len);
+            // The borrow ends before `pop` frees the slot (it takes `&mut self`).
+            return Some(self.queue.slot_data(pos, len));
         }
     }
 
@@ -253,12 +392,52 @@ impl Consumer {
         let q = &*self.queue;
         let pos = q.head.load(Ordering::Relaxed);
         let slot = q.slot(pos);
-        if slot.seq.load(Ordering::Acquire) != pos.wrapping_add(1) {
+        if !std::mem::take(&mut self.head_ready)
+            && slot.seq.load(Ordering::Acquire) != pos.wrapping_add(1)
+        {
             return;
         }
         q.head.store(pos.wrapping_add(1), Ordering::Relaxed);
         slot.seq
             .store(pos.wrapping_add(q.mask + 1), Ordering::Release);
+    }
+
+    /// The producers waiting for space (bit `port % 64`; several ports may share a bit, and
+    /// all of them are to be woken), cleared. Call after freeing slots.
+    pub fn take_waiters(&mut self) -> u64 {
+        // Pairs with the read-modify-write in `FrameQueue::wait_for_space`: the slots freed
+        // before this point are seen by the producer's retry, or its bit is seen here.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let q = &*self.queue;
+        if q.waiters.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        q.waiters.swap(0, Ordering::SeqCst)
+    }
+
+    /// Says whether the consumer can deliver: a stalled consumer (no receive buffers) makes
+    /// producers drop instead of wait. Setting it returns the waiters to wake, as
+    /// [`Self::take_waiters`].
+    pub fn set_stalled(&mut self, stalled: bool) -> u64 {
+        self.queue.stalled.store(stalled, Ordering::SeqCst);
+        if stalled {
+            self.take_waiters()
+        } else {
+            0
+        }
+    }
+
+    /// Says the consumer is about to sleep until a producer wakes it, then re-checks:
+    /// returns false, and the consumer must not sleep, if a frame came in meanwhile.
+    pub fn prepare_to_sleep(&mut self) -> bool {
+        self.queue.consumer_sleeping.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `FrameQueue::take_wake_up`.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.front().is_some() {
+            self.queue.consumer_sleeping.store(false, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     /// Discards every queued frame; returns how many.
@@ -331,6 +510,8 @@ struct Port {
 pub struct SwitchHub {
     table: Mutex<Switch>,
     ports: Vec<Port>,
+    mtu: u16,
+    max_frame: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -338,15 +519,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SwitchHub {
-    /// A switch of `ports` ports (2 or more), each with a queue of [`QUEUE_SLOTS`] slots.
-    pub fn new(ports: usize, config: SwitchConfig) -> Result<Arc<SwitchHub>, SwitchModeError> {
-        Self::with_queue_slots(ports, config, QUEUE_SLOTS)
+    /// A switch of `ports` ports (2 or more) forwarding frames of MTU `mtu` (longer ones
+    /// are dropped: [`max_frame_len`]), each port with a queue of [`QUEUE_SLOTS`] slots.
+    pub fn new(
+        ports: usize,
+        config: SwitchConfig,
+        mtu: u16,
+    ) -> Result<Arc<SwitchHub>, SwitchModeError> {
+        Self::with_queue_slots(ports, config, mtu, QUEUE_SLOTS)
     }
 
     /// The same with `slots` slots per port queue.
     pub fn with_queue_slots(
         ports: usize,
         config: SwitchConfig,
+        mtu: u16,
         slots: usize,
     ) -> Result<Arc<SwitchHub>, SwitchModeError> {
         if ports < 2 || ports > config.max_ports {
@@ -356,10 +543,11 @@ impl SwitchHub {
             });
         }
         let table = Switch::new(config)?;
+        validate_mtu(u32::from(mtu))?;
         let ports = (0..ports)
             .map(|_| {
                 Ok(Port {
-                    queue: Arc::new(FrameQueue::new(slots, SLOT_LEN)),
+                    queue: Arc::new(FrameQueue::new(slots, max_frame_len(mtu))),
                     event: EventFd::new(EFD_NONBLOCK).map_err(SwitchModeError::EventFd)?,
                     connected: AtomicBool::new(false),
                     counters: PortCounters::default(),
@@ -369,7 +557,19 @@ impl SwitchHub {
         Ok(Arc::new(SwitchHub {
             table: Mutex::new(table),
             ports,
+            mtu,
+            max_frame: max_frame_len(mtu),
         }))
+    }
+
+    /// The MTU (offered to every port's guest).
+    pub fn mtu(&self) -> u16 {
+        self.mtu
+    }
+
+    /// The longest frame forwarded.
+    pub fn max_frame_len(&self) -> usize {
+        self.max_frame
     }
 
     /// Number of ports.
@@ -392,6 +592,21 @@ impl SwitchHub {
     /// Addresses in the forwarding table.
     pub fn table_len(&self) -> usize {
         lock(&self.table).len()
+    }
+
+    /// Wakes the producers of `waiters` ([`Consumer::take_waiters`]) through their
+    /// ports' eventfds.
+    fn wake_waiters(&self, waiters: u64) {
+        if waiters == 0 {
+            return;
+        }
+        for (p, port) in self.ports.iter().enumerate() {
+            if waiters & (1 << (p % 64)) != 0 {
+                if let Err(e) = port.event.write(1) {
+                    warn!("switch port {p}: waking it failed: {e}");
+                }
+            }
+        }
     }
 
     fn connect(&self, port: usize) {
@@ -417,6 +632,9 @@ impl SwitchHub {
         if let Some(mut c) = p.queue.consumer() {
             let n = c.clear();
             p.counters.drop_disconnect.fetch_add(n, Ordering::Relaxed);
+            // Senders waiting for this queue now drop (it is not connected).
+            let waiters = c.take_waiters();
+            self.wake_waiters(waiters);
         }
         info!(
             "switch port {port}: disconnected (addresses forgotten); {}",
@@ -434,15 +652,18 @@ pub struct SwitchPortDevice {
     features: AtomicU64,
     config: Mutex<VirtioNetConfig>,
     max_queue_size: u16,
+    rx_poll: Duration,
 }
 
 impl SwitchPortDevice {
-    /// Port `port` of `hub`, with MAC `mac` in its config space and an optional MTU.
+    /// Port `port` of `hub`, with MAC `mac` in its config space. The port always offers
+    /// VIRTIO_NET_F_MTU with the switch's MTU: a switch forwards frames up to its MTU
+    /// ([`max_frame_len`]), so the guest must know it (§5.1.4.1: the driver then sends no
+    /// longer frame).
     pub fn new(
         hub: Arc<SwitchHub>,
         port: usize,
         mac: MacAddr,
-        mtu: Option<u16>,
         max_queue_size: u16,
     ) -> Result<SwitchPortDevice, SwitchModeError> {
         if port >= hub.port_count() {
@@ -453,11 +674,11 @@ impl SwitchPortDevice {
         }
         let offered = features::offered_features(&OfferOptions {
             max_queue_pairs: 1,
-            mtu: mtu.is_some(),
+            mtu: true,
             ctrl_vq: false,
             offloads: TapOffloads::default(),
         });
-        let config = VirtioNetConfig::new(mac, 1, mtu.unwrap_or(DEFAULT_MTU))?;
+        let config = VirtioNetConfig::new(mac, 1, hub.mtu)?;
         Ok(SwitchPortDevice {
             hub,
             port,
@@ -465,7 +686,17 @@ impl SwitchPortDevice {
             features: AtomicU64::new(0),
             config: Mutex::new(config),
             max_queue_size: max_queue_size.clamp(1, virtio_core::MAX_QUEUE_SIZE),
+            rx_poll: Duration::ZERO,
         })
+    }
+
+    /// Busy-polls the port's frame queue for `window` after it ran empty before the
+    /// worker sleeps on its eventfd (the receive-side counterpart of the server's
+    /// `poll_us`, which polls the rings; `--poll-us` sets both). The worker keeps serving
+    /// its other queues and events while it polls.
+    pub fn with_rx_poll(mut self, window: Duration) -> SwitchPortDevice {
+        self.rx_poll = window;
+        self
     }
 
     /// The switch the port belongs to.
@@ -534,7 +765,8 @@ impl Device for SwitchPortDevice {
 
     fn start_group(&self, _group: &GroupInfo) -> Result<SwitchQueues, DeviceError> {
         let neg = Negotiated::from_bits_unchecked(self.features.load(Ordering::Acquire));
-        let handler = SwitchQueues::new(Arc::clone(&self.hub), self.port, neg)?;
+        let mut handler = SwitchQueues::new(Arc::clone(&self.hub), self.port, neg)?;
+        handler.rx_poll = self.rx_poll;
         self.hub.connect(self.port);
         Ok(handler)
     }
@@ -558,7 +790,10 @@ enum Verdict {
 struct RxState {
     chains: Vec<DescriptorChain>,
     held: usize,
+    /// Used elements of delivered frames, not yet published.
     used: Vec<(u16, u32)>,
+    /// Frames behind `used`.
+    delivered: usize,
     lens: Vec<u32>,
 }
 
@@ -588,6 +823,14 @@ pub struct SwitchQueues {
     touched: Vec<bool>,
     tx_used: Vec<(u16, u32)>,
     failures: u64,
+    rx_poll: Duration,
+    rx_idle_since: Option<Instant>,
+    /// Transmit chains `tx_next..tx_held` of the batch in `tx_chains` wait for space in a
+    /// destination queue (backpressure; their verdicts are in `verdicts`).
+    tx_next: usize,
+    tx_held: usize,
+    /// The receive side told producers it is stalled.
+    rx_stalled: bool,
 }
 
 impl std::fmt::Debug for SwitchQueues {
@@ -626,7 +869,9 @@ impl SwitchQueues {
             rx_state: RxState {
                 chains: rx_chains,
                 held: 0,
-                used: Vec::with_capacity(MAX_MERGED_CHAINS),
+                // A batch of RX_BATCH frames may end with one spanning MAX_MERGED_CHAINS.
+                used: Vec::with_capacity(RX_BATCH + MAX_MERGED_CHAINS),
+                delivered: 0,
                 lens: vec![0; MAX_MERGED_CHAINS],
             },
             tx_chains,
@@ -635,6 +880,11 @@ impl SwitchQueues {
             touched: vec![false; ports],
             tx_used: Vec::with_capacity(TX_BATCH),
             failures: 0,
+            rx_poll: Duration::ZERO,
+            rx_idle_since: None,
+            tx_next: 0,
+            tx_held: 0,
+            rx_stalled: false,
             hub,
         })
     }
@@ -654,28 +904,40 @@ impl SwitchQueues {
         self.failures += 1;
     }
 
-    /// Transmit: forwards batches of frames until the ring is empty.
+    /// Transmit: forwards batches of frames until the ring is empty, or until a frame waits
+    /// for space in its destination's queue (then `Throttled`: the destination's worker
+    /// wakes this one when it frees slots).
     fn transmit(&mut self, ctx: &mut GroupContext<'_>, tx: u16) -> Result<Processed, DeviceError> {
         loop {
-            let Some(vring) = ctx.vring(tx) else {
-                return Ok(Processed::Empty);
-            };
-            let mut n = 0;
-            while n < TX_BATCH {
-                let Some(chain) = self.tx_chains.get_mut(n) else {
-                    break;
+            if self.tx_next == self.tx_held {
+                let Some(vring) = ctx.vring(tx) else {
+                    return Ok(Processed::Empty);
                 };
-                if !vring.pop_into(chain)? {
-                    break;
+                let mut n = 0;
+                while n < TX_BATCH {
+                    let Some(chain) = self.tx_chains.get_mut(n) else {
+                        break;
+                    };
+                    if !vring.pop_into(chain)? {
+                        break;
+                    }
+                    // The driver wrote the frame on another CPU: start loading its headers
+                    // now, while the rest of the batch is popped.
+                    chain.prefetch_readable(PREFETCH_LEN);
+                    n += 1;
                 }
-                n += 1;
+                if n == 0 {
+                    return Ok(Processed::Empty);
+                }
+                self.classify_batch(n);
+                self.tx_next = 0;
+                self.tx_held = n;
             }
-            if n == 0 {
-                return Ok(Processed::Empty);
-            }
-            self.forward_batch(n);
+            let start = self.tx_next;
+            let end = self.send_batch(start, self.tx_held);
+            self.tx_next = end;
             self.tx_used.clear();
-            for c in self.tx_chains.iter().take(n) {
+            for c in self.tx_chains.iter().take(end).skip(start) {
                 // §5.1.6.2: the device writes nothing into a transmit buffer.
                 self.tx_used.push((c.id(), 0));
             }
@@ -683,12 +945,17 @@ impl SwitchQueues {
                 vring.add_used_batch(&self.tx_used)?;
             }
             self.signal_touched();
+            if end < self.tx_held {
+                return Ok(Processed::Throttled);
+            }
+            self.tx_next = 0;
+            self.tx_held = 0;
         }
     }
 
-    /// Checks the first `n` held transmit chains, decides where they go (one table lock)
-    /// and copies them into the destination queues.
-    fn forward_batch(&mut self, n: usize) {
+    /// Checks the first `n` held transmit chains and decides where they go (one table
+    /// lock); the verdicts are left in `verdicts`.
+    fn classify_batch(&mut self, n: usize) {
         let hdr_len = self.hdr_len;
         for i in 0..n {
             let (Some(chain), Some(head), Some(verdict)) = (
@@ -701,7 +968,7 @@ impl SwitchQueues {
             *verdict = Verdict::Bad;
             let total = chain.readable_len() as usize;
             let frame_len = total.saturating_sub(hdr_len);
-            if total > SLOT_LEN || frame_len < ETH_HLEN {
+            if frame_len > self.hub.max_frame || frame_len < ETH_HLEN {
                 continue;
             }
             let mut buf = [0u8; VNET_HDR_LEN + ETH_HLEN];
@@ -723,19 +990,42 @@ impl SwitchQueues {
                 *verdict = Verdict::Table(Forward::Flood);
             }
         }
-        let mut bad = 0u64;
         let ingress = PortId(u32::try_from(self.port).unwrap_or(u32::MAX));
         {
             // One lock per batch: every lookup and learning of the batch.
             let now = Instant::now();
             let mut table = lock(&self.hub.table);
+            // A stream repeats its addresses: a frame with the same Ethernet addresses as
+            // the previous one of the batch goes where it went (the table cannot have
+            // changed in between but for that frame's own learning), without hashing.
+            let mut last: Option<([u8; 12], Forward)> = None;
             for (head, verdict) in self.heads.iter().zip(self.verdicts.iter_mut()).take(n) {
                 if let Verdict::Table(_) = verdict {
-                    *verdict = Verdict::Table(table.forward(head, ingress, now));
+                    let mut addrs = [0u8; 12];
+                    addrs.copy_from_slice(&head[..12]);
+                    let fwd = match last {
+                        Some((a, f)) if a == addrs => f,
+                        _ => table.forward(head, ingress, now),
+                    };
+                    last = Some((addrs, fwd));
+                    *verdict = Verdict::Table(fwd);
                 }
             }
         }
-        for i in 0..n {
+    }
+
+    /// Copies transmit chains `start..end` (classified) into their destination queues.
+    /// Returns where it stopped: `end`, or the first frame whose destination queue is full
+    /// while its consumer is draining (backpressure: that frame and the ones after it wait;
+    /// the destination wakes this port when it frees slots). A destination that is stalled
+    /// (its guest posts no receive buffers) or flooded frames do not wait: they are dropped
+    /// and counted.
+    fn send_batch(&mut self, start: usize, end: usize) -> usize {
+        let hdr_len = self.hdr_len;
+        let mut bad = 0u64;
+        let mut forwarded = 0u64;
+        let mut stopped = end;
+        for i in start..end {
             let (Some(chain), Some(&verdict)) = (self.tx_chains.get(i), self.verdicts.get(i))
             else {
                 break;
@@ -744,10 +1034,20 @@ impl SwitchQueues {
                 Verdict::Bad | Verdict::Table(Forward::Drop(_)) => bad += 1,
                 Verdict::Table(Forward::Unicast(PortId(p))) => {
                     let p = p as usize;
-                    if p != self.port {
-                        enqueue(&self.hub, p, chain, hdr_len, &mut self.touched);
+                    if p != self.port
+                        && !enqueue_or_wait(
+                            &self.hub,
+                            self.port,
+                            p,
+                            chain,
+                            hdr_len,
+                            &mut self.touched,
+                        )
+                    {
+                        stopped = i;
+                        break;
                     }
-                    self.count_tx();
+                    forwarded += 1;
                 }
                 Verdict::Table(Forward::Flood) => {
                     for p in 0..self.hub.ports.len() {
@@ -755,9 +1055,14 @@ impl SwitchQueues {
                             enqueue(&self.hub, p, chain, hdr_len, &mut self.touched);
                         }
                     }
-                    self.count_tx();
+                    forwarded += 1;
                 }
             }
+        }
+        if let Some(port) = self.port() {
+            port.counters
+                .tx_frames
+                .fetch_add(forwarded, Ordering::Relaxed);
         }
         if bad > 0 {
             if let Some(port) = self.port() {
@@ -765,19 +1070,14 @@ impl SwitchQueues {
             }
             self.log_failure(format_args!("{bad} transmitted frame(s) dropped"));
         }
+        stopped
     }
 
-    fn count_tx(&self) {
-        if let Some(port) = self.port() {
-            bump(&port.counters.tx_frames);
-        }
-    }
-
-    /// Signals every port that got frames in this batch, once.
+    /// Signals every port that got frames in this batch, once, if its worker sleeps.
     fn signal_touched(&mut self) {
         for (p, t) in self.touched.iter_mut().enumerate() {
             if std::mem::take(t) {
-                if let Some(port) = self.hub.ports.get(p) {
+                if let Some(port) = self.hub.ports.get(p).filter(|p| p.queue.take_wake_up()) {
                     if let Err(e) = port.event.write(1) {
                         warn!("switch port {p}: signalling its queue failed: {e}");
                     }
@@ -792,13 +1092,43 @@ impl SwitchQueues {
         let Some(rx) = self.rx else {
             return Ok(());
         };
+        let delivered = self.receive_batches(ctx, rx);
+        // Whatever stopped the loop, the frames delivered so far are published.
+        let flushed = self.flush_rx(ctx, rx);
+        delivered.and(flushed)
+    }
+
+    fn receive_batches(&mut self, ctx: &mut GroupContext<'_>, rx: u16) -> Result<(), DeviceError> {
+        // The ring's state changes only between handler calls (the worker applies the
+        // frontend's commands between rounds): one check per call.
+        if !ctx.is_active(rx) {
+            // Frames wait in the queue until process(rx) runs on enable; senders drop
+            // rather than wait for it.
+            self.set_rx_stalled(true);
+            return Ok(());
+        }
         loop {
-            if !ctx.is_active(rx) {
-                // Frames wait in the queue until process(rx) runs on enable.
-                return Ok(());
+            if self.rx_state.delivered >= RX_BATCH {
+                self.flush_rx(ctx, rx)?;
             }
             let Some(frame) = self.consumer.front() else {
-                return Ok(());
+                self.flush_rx(ctx, rx)?;
+                if !self.rx_poll.is_zero() {
+                    // Busy polling: come back next worker round (other queues and events
+                    // are served in between) until the window since the queue ran empty
+                    // is over.
+                    let now = Instant::now();
+                    let since = *self.rx_idle_since.get_or_insert(now);
+                    if now.saturating_duration_since(since) < self.rx_poll {
+                        ctx.schedule(rx);
+                        return Ok(());
+                    }
+                }
+                if self.consumer.prepare_to_sleep() {
+                    // The next producer to queue a frame signals the eventfd.
+                    return Ok(());
+                }
+                continue;
             };
             let counters = self.hub.ports.get(self.port).map(|p| &p.counters);
             match deliver(
@@ -810,15 +1140,52 @@ impl SwitchQueues {
                 self.mrg_rxbuf,
                 counters,
             )? {
-                Delivery::Done => self.consumer.pop(),
+                Delivery::Done => {
+                    self.consumer.pop();
+                    self.rx_idle_since = None;
+                    self.set_rx_stalled(false);
+                }
                 Delivery::NoBuffers => {
+                    // The driver may be waiting for these before it posts more.
+                    self.flush_rx(ctx, rx)?;
                     if !ctx.wait_for_buffers(rx)? {
-                        // The next kick of the receive queue calls process(rx).
+                        // The next kick of the receive queue calls process(rx); until
+                        // then senders drop frames for this port instead of waiting.
+                        self.set_rx_stalled(true);
                         return Ok(());
                     }
                 }
             }
         }
+    }
+
+    fn set_rx_stalled(&mut self, stalled: bool) {
+        if self.rx_stalled != stalled {
+            self.rx_stalled = stalled;
+            let waiters = self.consumer.set_stalled(stalled);
+            self.hub.wake_waiters(waiters);
+        }
+    }
+
+    /// Publishes the used elements of the frames delivered since the last flush (one
+    /// used-index update and one notification check for the batch).
+    fn flush_rx(&mut self, ctx: &mut GroupContext<'_>, rx: u16) -> Result<(), DeviceError> {
+        let st = &mut self.rx_state;
+        if st.used.is_empty() {
+            return Ok(());
+        }
+        if let Some(vring) = ctx.vring(rx) {
+            vring.add_used_batch(&st.used)?;
+        }
+        st.used.clear();
+        let n = std::mem::take(&mut st.delivered) as u64;
+        if let Some(p) = self.hub.ports.get(self.port) {
+            p.counters.rx_frames.fetch_add(n, Ordering::Relaxed);
+        }
+        // The frames' slots are free: senders waiting for them go on.
+        let waiters = self.consumer.take_waiters();
+        self.hub.wake_waiters(waiters);
+        Ok(())
     }
 
     fn register(&mut self, ctx: &mut GroupContext<'_>) -> Result<(), DeviceError> {
@@ -834,24 +1201,39 @@ impl SwitchQueues {
     }
 
     fn release_rx(&mut self, ctx: &mut GroupContext<'_>, rx: u16) -> Result<(), DeviceError> {
+        self.flush_rx(ctx, rx)?;
         let st = &mut self.rx_state;
         if st.held == 0 {
             return Ok(());
         }
-        st.used.clear();
         for c in st.chains.iter().take(st.held) {
             st.used.push((c.id(), 0));
         }
         st.held = 0;
-        if let Some(vring) = ctx.vring(rx) {
-            vring.add_used_batch(&st.used)?;
-        }
-        Ok(())
+        let r = match ctx.vring(rx) {
+            Some(vring) => vring.add_used_batch(&st.used).map_err(DeviceError::from),
+            None => Ok(()),
+        };
+        st.used.clear();
+        r
     }
 }
 
-/// Copies the frame of `chain` (without its `hdr_len`-byte vnet header) into port `p`'s
-/// queue if it is connected; a full queue drops it (counted on `p`).
+/// Copies the frame of `chain` (without its `hdr_len`-byte vnet header) into `slot`;
+/// `None` if it cannot be read or is shorter than an Ethernet header.
+fn copy_frame(chain: &DescriptorChain, hdr_len: usize, slot: &mut [u8]) -> Option<usize> {
+    let mut r = chain.reader();
+    let mut skip = [0u8; VNET_HDR_LEN];
+    let skip = skip.get_mut(..hdr_len)?;
+    if r.read(skip).ok()? < hdr_len {
+        return None;
+    }
+    let n = r.read(slot).ok()?;
+    (n >= ETH_HLEN).then_some(n)
+}
+
+/// Copies the frame of `chain` into port `p`'s queue if it is connected; a full queue
+/// drops it (counted on `p`).
 fn enqueue(
     hub: &SwitchHub,
     p: usize,
@@ -865,24 +1247,65 @@ fn enqueue(
     if !port.connected.load(Ordering::Acquire) {
         return;
     }
-    let pushed = port.queue.push_with(|slot| {
-        let mut r = chain.reader();
-        let mut skip = [0u8; VNET_HDR_LEN];
-        let skip = skip.get_mut(..hdr_len)?;
-        if r.read(skip).ok()? < hdr_len {
-            return None;
-        }
-        let n = r.read(slot).ok()?;
-        (n >= ETH_HLEN).then_some(n)
-    });
-    match pushed {
-        Push::Queued => {
-            if let Some(t) = touched.get_mut(p) {
-                *t = true;
-            }
-        }
+    match port
+        .queue
+        .push_with(|slot| copy_frame(chain, hdr_len, slot))
+    {
+        Push::Queued => mark(touched, p),
         Push::Refused => bump(&port.counters.drop_bad),
         Push::Full => bump(&port.counters.drop_full),
+    }
+}
+
+/// Like [`enqueue`] for a unicast frame from port `from`, with backpressure: returns false
+/// (nothing queued) if `p`'s queue is full while its consumer is draining; `from` is then
+/// registered to be woken when slots are freed. A stalled or disconnected destination
+/// drops the frame (true).
+fn enqueue_or_wait(
+    hub: &SwitchHub,
+    from: usize,
+    p: usize,
+    chain: &DescriptorChain,
+    hdr_len: usize,
+    touched: &mut [bool],
+) -> bool {
+    let Some(port) = hub.ports.get(p) else {
+        return true;
+    };
+    if !port.connected.load(Ordering::Acquire) {
+        return true;
+    }
+    let mut waiting = false;
+    loop {
+        match port
+            .queue
+            .push_with(|slot| copy_frame(chain, hdr_len, slot))
+        {
+            Push::Queued => {
+                mark(touched, p);
+                return true;
+            }
+            Push::Refused => {
+                bump(&port.counters.drop_bad);
+                return true;
+            }
+            Push::Full if waiting => return false,
+            Push::Full => {
+                if port.queue.is_stalled() || !port.queue.wait_for_space(from) {
+                    bump(&port.counters.drop_full);
+                    return true;
+                }
+                // Registered: one more try closes the race with a consumer that freed
+                // slots before it saw the registration.
+                waiting = true;
+            }
+        }
+    }
+}
+
+fn mark(touched: &mut [bool], p: usize) {
+    if let Some(t) = touched.get_mut(p) {
+        *t = true;
     }
 }
 
@@ -932,16 +1355,16 @@ fn deliver(
         }
         return Ok(Delivery::Done);
     };
-    st.used.clear();
+    // Published by the caller with the rest of its batch (`flush_rx`).
     for (c, &l) in st.chains.iter().zip(&st.lens).take(n) {
         st.used.push((c.id(), l));
     }
-    vring.add_used_batch(&st.used)?;
-    st.chains[..st.held].rotate_left(n);
-    st.held -= n;
-    if let Some(c) = counters {
-        bump(&c.rx_frames);
+    st.delivered += 1;
+    if n < st.held {
+        // Chains popped but not needed stay for the next frame, in ring order.
+        st.chains[..st.held].rotate_left(n);
     }
+    st.held -= n;
     Ok(Delivery::Done)
 }
 
@@ -1002,6 +1425,12 @@ impl QueueHandler for SwitchQueues {
                 let _ = port.event.read();
             }
             self.receive(ctx)?;
+            // The eventfd also wakes a transmit side waiting for space elsewhere.
+            if self.tx_next < self.tx_held {
+                if let Some(tx) = self.tx {
+                    ctx.schedule(tx);
+                }
+            }
         }
         Ok(())
     }
@@ -1009,6 +1438,24 @@ impl QueueHandler for SwitchQueues {
     fn drain(&mut self, ctx: &mut GroupContext<'_>, queue: u16) -> Result<(), DeviceError> {
         if Some(queue) == self.rx {
             self.release_rx(ctx, queue)?;
+        }
+        if Some(queue) == self.tx && self.tx_next < self.tx_held {
+            // Frames waiting for a destination's space are given back unsent.
+            self.tx_used.clear();
+            for c in self.tx_chains.iter().take(self.tx_held).skip(self.tx_next) {
+                self.tx_used.push((c.id(), 0));
+            }
+            let n = (self.tx_held - self.tx_next) as u64;
+            self.tx_next = 0;
+            self.tx_held = 0;
+            if let Some(port) = self.port() {
+                port.counters
+                    .drop_disconnect
+                    .fetch_add(n, Ordering::Relaxed);
+            }
+            if let Some(vring) = ctx.vring(queue) {
+                vring.add_used_batch(&self.tx_used)?;
+            }
         }
         Ok(())
     }
@@ -1022,6 +1469,9 @@ impl QueueHandler for SwitchQueues {
             }
         } else if Some(queue) == self.tx {
             self.tx = None;
+            // Held chains belonged to the stopped ring (drain returned them).
+            self.tx_next = 0;
+            self.tx_held = 0;
         }
         let summary = self
             .port()

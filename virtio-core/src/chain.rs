@@ -115,6 +115,24 @@ impl DescriptorChain {
         &self.iovecs[self.readable_segments..]
     }
 
+    /// Hints the CPU to start loading the first `len` bytes of the device-readable
+    /// buffers into its caches, and returns at once.
+    ///
+    /// A device that pops a batch of chains and then reads each (a network switch reading
+    /// Ethernet headers) calls this for the whole batch first, so that the cache misses on
+    /// buffers the driver wrote on another CPU overlap instead of stalling one after the
+    /// other. Only a hint: nothing is read, no fault can happen (on architectures without
+    /// a prefetch instruction it does nothing).
+    pub fn prefetch_readable(&self, len: usize) {
+        prefetch_iovecs(self.readable_iovecs(), len);
+    }
+
+    /// The same for the first `len` bytes of the device-writable buffers (a receive
+    /// buffer about to be filled).
+    pub fn prefetch_writable(&self, len: usize) {
+        prefetch_iovecs(self.writable_iovecs(), len);
+    }
+
     /// The guest memory the iovecs point into; holding it keeps them valid.
     pub fn memory(&self) -> Option<&Arc<GuestMemoryView>> {
         self.mem.as_ref()
@@ -302,6 +320,40 @@ impl DescriptorChain {
         }
     }
 }
+
+/// Issues a prefetch for every cache line of the first `len` bytes of `iovecs`.
+fn prefetch_iovecs(iovecs: &[libc::iovec], len: usize) {
+    const LINE: usize = 64;
+    let mut left = len;
+    for iov in iovecs {
+        if left == 0 {
+            break;
+        }
+        let n = iov.iov_len.min(left);
+        let base = iov.iov_base.cast::<u8>().cast_const();
+        let mut off = 0;
+        while off < n {
+            prefetch_line(base.wrapping_add(off));
+            off += LINE;
+        }
+        left -= n;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    // SAFETY: SSE, which the intrinsic needs, is part of the x86_64 baseline; a prefetch
+    // does not access memory (it never faults, whatever the address): it only hints the
+    // cache.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>());
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+fn prefetch_line(_p: *const u8) {}
 
 /// Appends to `out` the sub-range `offset..offset + len` of `iovs`; returns bytes covered.
 pub fn sub_iovecs(

@@ -179,6 +179,47 @@ impl Guest {
         }
     }
 
+    /// Transmits every frame of `frames` with one kick and waits until the device returned
+    /// all their chains.
+    fn send_burst(&mut self, frames: &[Vec<u8>]) {
+        let mut ids = Vec::new();
+        for f in frames {
+            let at = self.next_tx;
+            self.next_tx += 0x1000;
+            let mut b = vec![0u8; 12];
+            b.extend_from_slice(f);
+            self.mem.mem.write_slice(&b, GuestAddress(at)).unwrap();
+            let id = self
+                .tx
+                .add_chain(
+                    &self.mem.mem,
+                    &[DriverBuffer {
+                        addr: at,
+                        len: b.len() as u32,
+                        writable: false,
+                    }],
+                )
+                .unwrap();
+            ids.push(id);
+        }
+        self.kicks[1].write(1).unwrap();
+        let start = Instant::now();
+        let mut back = 0;
+        while back < ids.len() {
+            if let Some((id, len)) = self.tx.pop_used(&self.mem.mem).unwrap() {
+                assert_eq!((id, len), (ids[back], 0), "transmit chains return in order");
+                back += 1;
+                continue;
+            }
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "only {back} of {} transmit chains returned",
+                ids.len()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The next received frame (header checked and stripped).
     fn recv(&mut self) -> Vec<u8> {
         let start = Instant::now();
@@ -208,14 +249,7 @@ type ServerThread = std::thread::JoinHandle<Result<(), virtio_core::vhost_user::
 
 fn start(hub: &Arc<SwitchHub>, port: usize) -> (UnixStream, ServerThread) {
     let device = Arc::new(
-        SwitchPortDevice::new(
-            Arc::clone(hub),
-            port,
-            MacAddr(mac(0x40 + port as u8)),
-            None,
-            256,
-        )
-        .unwrap(),
+        SwitchPortDevice::new(Arc::clone(hub), port, MacAddr(mac(0x40 + port as u8)), 256).unwrap(),
     );
     let (a, b) = UnixStream::pair().unwrap();
     let mut server = Server::new(
@@ -236,7 +270,7 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn case(layout: RingLayout, mrg_rxbuf: bool) {
-    let hub = SwitchHub::new(3, SwitchConfig::default()).unwrap();
+    let hub = SwitchHub::new(3, SwitchConfig::default(), 1500).unwrap();
     let mut guests = Vec::new();
     let mut servers = Vec::new();
     for port in 0..3 {
@@ -391,4 +425,121 @@ fn frame_queue_many_producers() {
     for t in producers {
         t.join().unwrap();
     }
+}
+
+/// Two connected ports on a hub whose queues hold `slots` frames; A (port 0) is learned
+/// by B (port 1) and B by A, so frames between them are unicast.
+fn two_ports(slots: usize) -> (Arc<SwitchHub>, Vec<Guest>, Vec<ServerThread>) {
+    let hub = SwitchHub::with_queue_slots(2, SwitchConfig::default(), 1500, slots).unwrap();
+    let mut guests = Vec::new();
+    let mut servers = Vec::new();
+    for port in 0..2 {
+        let (stream, server) = start(&hub, port);
+        guests.push(Guest::connect(stream, RingLayout::Split, false));
+        servers.push(server);
+    }
+    wait_for("both ports to connect", || {
+        (0..2).all(|p| hub.is_connected(p))
+    });
+    guests[0].post_rx(1);
+    guests[1].post_rx(1);
+    let f = frame(mac(2), mac(1), 0);
+    guests[0].send(&f);
+    assert_eq!(guests[1].recv(), f);
+    let f = frame(mac(1), mac(2), 0);
+    guests[1].send(&f);
+    assert_eq!(guests[0].recv(), f);
+    (hub, guests, servers)
+}
+
+#[test]
+fn unicast_to_a_full_queue_waits_for_space_instead_of_dropping() {
+    // 48 frames in one burst into a queue of 4 slots whose receiver has buffers: the
+    // sender outruns the receiver's worker and must wait for it, frame by frame.
+    let (hub, mut guests, servers) = two_ports(4);
+    guests[1].rx_addrs.clear();
+    guests[1].post_rx(60);
+    let frames: Vec<Vec<u8>> = (1..=48).map(|t| frame(mac(2), mac(1), t)).collect();
+    guests[0].send_burst(&frames);
+    for f in &frames {
+        assert_eq!(&guests[1].recv(), f, "frames arrive complete and in order");
+    }
+    let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    assert_eq!(l(&hub.counters(1).unwrap().drop_full), 0);
+    assert_eq!(l(&hub.counters(1).unwrap().rx_frames), 49);
+    drop(guests);
+    for s in servers {
+        let _ = s.join().unwrap();
+    }
+}
+
+#[test]
+fn unicast_to_a_receiver_without_buffers_is_dropped_and_the_sender_goes_on() {
+    // B posts no receive buffers: its queue fills (4 frames) and the rest is dropped and
+    // counted; A gets every transmit chain back (it does not wait for a stalled port).
+    let (hub, mut guests, servers) = two_ports(4);
+    let frames: Vec<Vec<u8>> = (1..=20).map(|t| frame(mac(2), mac(1), t)).collect();
+    guests[0].send_burst(&frames);
+    let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    wait_for("the dropped frames to be counted", || {
+        l(&hub.counters(1).unwrap().drop_full) == 16
+    });
+    // The queued frames are delivered, oldest first, once buffers come.
+    guests[1].post_rx(8);
+    for f in frames.iter().take(4) {
+        assert_eq!(&guests[1].recv(), f);
+    }
+    guests[1].assert_nothing();
+    // A still forwards.
+    let f = frame(mac(2), mac(1), 99);
+    guests[0].send(&f);
+    assert_eq!(guests[1].recv(), f);
+    drop(guests);
+    for s in servers {
+        let _ = s.join().unwrap();
+    }
+}
+
+#[test]
+fn frame_queue_wakes_a_waiting_producer_once_slots_are_freed() {
+    let q = Arc::new(FrameQueue::new(2, 8));
+    let mut c = q.consumer().unwrap();
+    assert_eq!(q.push_with(|_| Some(1)), Push::Queued);
+    assert_eq!(q.push_with(|_| Some(1)), Push::Queued);
+    assert_eq!(q.push_with(|_| Some(1)), Push::Full);
+    assert_eq!(c.take_waiters(), 0);
+    assert!(q.wait_for_space(3));
+    assert!(q.wait_for_space(70));
+    assert!(c.front().is_some());
+    c.pop();
+    // Ports 3 and 70 (bit 6) are to be woken, once.
+    assert_eq!(c.take_waiters(), (1 << 3) | (1 << 6));
+    assert_eq!(c.take_waiters(), 0);
+    // A stalled consumer makes producers drop rather than wait, and wakes the waiting ones.
+    assert!(q.wait_for_space(1));
+    assert_eq!(c.set_stalled(true), 1 << 1);
+    assert!(!q.wait_for_space(1));
+    assert!(q.is_stalled());
+    assert_eq!(c.set_stalled(false), 0);
+    assert!(!q.is_stalled());
+}
+
+#[test]
+fn frame_queue_signals_a_sleeping_consumer_once() {
+    let q = Arc::new(FrameQueue::new(4, 8));
+    let mut c = q.consumer().unwrap();
+    // A new consumer counts as sleeping: the first frame wakes it.
+    assert_eq!(q.push_with(|_| Some(1)), Push::Queued);
+    assert!(q.take_wake_up());
+    assert!(!q.take_wake_up(), "one wake-up per sleep");
+    // Not empty: the consumer must not sleep.
+    assert!(!c.prepare_to_sleep());
+    c.pop();
+    // Empty: it may sleep, and the next frame wakes it.
+    assert!(c.prepare_to_sleep());
+    assert_eq!(q.push_with(|_| Some(1)), Push::Queued);
+    assert!(q.take_wake_up());
+    // Awake (it has not said it sleeps again): no wake-up for the next frame.
+    assert_eq!(q.push_with(|_| Some(1)), Push::Queued);
+    assert!(!q.take_wake_up());
 }

@@ -43,21 +43,32 @@ struct Args {
     /// Frame sizes (bytes, testpmd --txpkts).
     #[arg(long, value_delimiter = ',', default_value = "64,1500")]
     sizes: Vec<u32>,
+    /// Our daemon's `--poll-us` values, one row each (0: event-driven workers).
+    #[arg(long, value_delimiter = ',', default_value = "0,100")]
+    poll_us: Vec<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backend {
-    Ours,
+    /// Our daemon with this `--poll-us`.
+    Ours(u64),
     Dpdk,
 }
 
 impl Backend {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Backend::Ours => "vhost-user-net --switch",
-            Backend::Dpdk => "DPDK vhost PMD (testpmd io)",
+            Backend::Ours(0) => "vhost-user-net --switch".into(),
+            Backend::Ours(us) => format!("vhost-user-net --switch --poll-us {us}"),
+            Backend::Dpdk => "DPDK vhost PMD (testpmd io)".into(),
         }
     }
+}
+
+/// `NETBENCH_BACKEND_LOG=1`: our daemon logs at info level (its per-port counters when
+/// the frontends leave) and the log is printed after each run.
+fn show_log() -> bool {
+    std::env::var_os("NETBENCH_BACKEND_LOG").is_some_and(|v| !v.is_empty())
 }
 
 fn daemon_binary() -> PathBuf {
@@ -84,14 +95,15 @@ impl Running {
 
 fn start_backend(b: Backend, s0: &Path, s1: &Path) -> Result<Running, String> {
     match b {
-        Backend::Ours => {
+        Backend::Ours(poll_us) => {
             let mut cmd = Command::new(daemon_binary());
             cmd.arg("--switch")
                 .arg(s0)
                 .arg("--switch")
                 .arg(s1)
                 .args(["--queue-size", &RING.to_string()])
-                .env("RUST_LOG", "warn");
+                .args(["--poll-us", &poll_us.to_string()])
+                .env("RUST_LOG", if show_log() { "info" } else { "warn" });
             let mut p =
                 BackgroundProcess::spawn("vhost-user-net", cmd).map_err(|e| e.to_string())?;
             for s in [s0, s1] {
@@ -172,13 +184,18 @@ fn run(b: Backend, size: u32, seconds: f64) -> Result<(u64, f64, f64), String> {
     let _ = fe2.stop();
     let _ = fe1.quit(Duration::from_secs(10));
     let _ = fe2.quit(Duration::from_secs(10));
+    if let (true, Running::Ours(p)) = (show_log(), &backend) {
+        std::thread::sleep(Duration::from_millis(200));
+        eprintln!("--- {} log ---\n{}", b.name(), p.log());
+    }
     drop(backend);
     Ok((rx1.saturating_sub(rx0), dt, cpu1 - cpu0))
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let backends = [Backend::Ours, Backend::Dpdk];
+    let mut backends: Vec<Backend> = args.poll_us.iter().map(|&us| Backend::Ours(us)).collect();
+    backends.push(Backend::Dpdk);
     // results[size][backend] = (Mpps, pkts per CPU-second) per rep
     let mut rows = Vec::new();
     for &size in &args.sizes {
