@@ -220,25 +220,49 @@ fn main() -> ExitCode {
         }
         rows.push((size, per));
     }
-    println!("| frame | backend | Mpps (median) | Mpps (min–max) | packets / backend CPU-s (median) | runs |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| frame | backend | Mpps (median) | Mpps (min–max) | Gbit/s (median) | packets / backend CPU-s (median) | Mpps vs DPDK | packets/CPU-s vs DPDK | runs |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let med = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        xs.get(xs.len() / 2).copied().unwrap_or(0.0)
+    };
     for (size, per) in rows {
+        // The medians of DPDK's row, the reference of the ratios.
+        let dpdk = backends
+            .iter()
+            .zip(&per)
+            .find(|(b, _)| **b == Backend::Dpdk)
+            .map(|(_, v)| {
+                (
+                    med(v.iter().map(|x| x.0).collect()),
+                    med(v.iter().map(|x| x.1).collect()),
+                )
+            });
         for (b, v) in backends.iter().zip(per) {
-            let med = |mut xs: Vec<f64>| {
-                xs.sort_by(f64::total_cmp);
-                xs.get(xs.len() / 2).copied().unwrap_or(0.0)
-            };
             let mpps: Vec<f64> = v.iter().map(|x| x.0).collect();
             let pc: Vec<f64> = v.iter().map(|x| x.1).collect();
             let lo = mpps.iter().copied().fold(f64::INFINITY, f64::min);
             let hi = mpps.iter().copied().fold(0.0, f64::max);
+            let (m, c) = (med(mpps.clone()), med(pc));
+            // Ethernet frame bits (testpmd's --txpkts is the frame without FCS).
+            let gbits = m * 1e6 * f64::from(size) * 8.0 / 1e9;
+            let ratio = |x: f64, r: f64| {
+                if r > 0.0 {
+                    format!("{:.2}×", x / r)
+                } else {
+                    "–".into()
+                }
+            };
+            let (rm, rc) = match (b, dpdk) {
+                (Backend::Ours(_), Some((dm, dc))) => (ratio(m, dm), ratio(c, dc)),
+                _ => ("–".into(), "–".into()),
+            };
             println!(
-                "| {size} B | {} | {:.3} | {:.3}–{:.3} | {:.0} | {} |",
+                "| {size} B | {} | {m:.3} | {:.3}–{hi:.3} | {gbits:.2} | {c:.0} | {rm} | {rc} | {} |",
                 b.name(),
-                med(mpps.clone()),
                 if lo.is_finite() { lo } else { 0.0 },
-                hi,
-                med(pc),
                 mpps.len()
             );
         }
