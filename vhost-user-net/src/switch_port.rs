@@ -95,7 +95,7 @@ const MAX_MERGED_CHAINS: usize = 256;
 /// headers and a small frame.
 const PREFETCH_LEN: usize = 128;
 
-/// Frames delivered into receive chains before their used elements are published.
+/// Used elements of delivered frames gathered before they are published.
 const RX_BATCH: usize = 64;
 
 /// Length of an Ethernet header.
@@ -1108,7 +1108,9 @@ impl SwitchQueues {
             return Ok(());
         }
         loop {
-            if self.rx_state.delivered >= RX_BATCH {
+            // Used elements, not frames: one more frame adds at most MAX_MERGED_CHAINS, so
+            // `used` never outgrows its capacity.
+            if self.rx_state.used.len() >= RX_BATCH {
                 self.flush_rx(ctx, rx)?;
             }
             let Some(frame) = self.consumer.front() else {

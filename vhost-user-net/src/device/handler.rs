@@ -26,6 +26,9 @@ const TAP_TOKEN: u32 = 0;
 /// link-layer headers) behind a 12-byte vnet header.
 const RX_BUF_LEN: usize = 65536 + 256 + VNET_HDR_LEN;
 
+/// Used elements of received frames gathered before they are published.
+const RX_BATCH: usize = 64;
+
 /// Most receive chains one frame may span with MRG_RXBUF (64 KiB in 256-byte buffers).
 const MAX_MERGED_CHAINS: usize = 256;
 
@@ -125,7 +128,8 @@ impl NetQueues {
             pending: 0,
             rx_chains,
             rx_held: 0,
-            used: Vec::with_capacity(MAX_MERGED_CHAINS),
+            // A batch of RX_BATCH elements may end with a frame of MAX_MERGED_CHAINS.
+            used: Vec::with_capacity(RX_BATCH + MAX_MERGED_CHAINS),
             lens: vec![0; MAX_MERGED_CHAINS],
             tx_chain: DescriptorChain::new(),
             tx_held: false,
@@ -194,12 +198,26 @@ impl NetQueues {
         let Some(rx) = self.rx else {
             return Ok(());
         };
+        let delivered = self.receive_frames(ctx, rx);
+        // Whatever stopped the loop, the frames delivered so far are published.
+        let flushed = self.flush_rx(ctx, rx);
+        delivered.and(flushed)
+    }
+
+    fn receive_frames(&mut self, ctx: &mut GroupContext<'_>, rx: u16) -> Result<(), DeviceError> {
         self.refresh_state();
+        // The ring's state changes only between handler calls (the worker applies the
+        // frontend's commands between rounds): one check per call.
+        if !ctx.is_active(rx) {
+            // Disabled (or stopping) ring: leave frames in the kernel until process(rx)
+            // runs when it is enabled again.
+            return self.pause(ctx);
+        }
         loop {
-            if !ctx.is_active(rx) {
-                // Disabled (or stopping) ring: leave frames in the kernel until
-                // process(rx) runs when it is enabled again.
-                return self.pause(ctx);
+            // Used elements, not frames: one more frame adds at most MAX_MERGED_CHAINS,
+            // so `used` never outgrows its capacity.
+            if self.used.len() >= RX_BATCH {
+                self.flush_rx(ctx, rx)?;
             }
             if self.pending == 0 {
                 let Some(tap) = self.shared.tap.queues().get(usize::from(self.pair)) else {
@@ -242,6 +260,8 @@ impl NetQueues {
             match self.deliver(ctx, rx)? {
                 Delivery::Done => self.pending = 0,
                 Delivery::NoBuffers => {
+                    // The driver may be waiting for these before it posts more.
+                    self.flush_rx(ctx, rx)?;
                     self.pause(ctx)?;
                     if !ctx.wait_for_buffers(rx)? {
                         // The next kick of the receive queue calls process(rx).
@@ -252,6 +272,20 @@ impl NetQueues {
                 }
             }
         }
+    }
+
+    /// Publishes the used elements of the frames delivered since the last flush (one
+    /// used-index update and one notification check per batch).
+    fn flush_rx(&mut self, ctx: &mut GroupContext<'_>, rx: u16) -> Result<(), DeviceError> {
+        if self.used.is_empty() {
+            return Ok(());
+        }
+        let r = match ctx.vring(rx) {
+            Some(vring) => vring.add_used_batch(&self.used).map_err(DeviceError::from),
+            None => Ok(()),
+        };
+        self.used.clear();
+        r
     }
 
     fn pause(&mut self, ctx: &mut GroupContext<'_>) -> Result<(), DeviceError> {
@@ -297,12 +331,14 @@ impl NetQueues {
             self.metrics.record_drop(DropReason::TooBig);
             return Ok(Delivery::Done);
         };
-        self.used.clear();
+        // Published with the rest of the batch (`flush_rx`).
         for (c, &l) in self.rx_chains.iter().zip(&self.lens).take(n) {
             self.used.push((c.id(), l));
         }
-        vring.add_used_batch(&self.used)?;
-        self.rx_chains[..self.rx_held].rotate_left(n);
+        if n < self.rx_held {
+            // Chains popped but not needed stay for the next frame, in ring order.
+            self.rx_chains[..self.rx_held].rotate_left(n);
+        }
         self.rx_held -= n;
         self.metrics.record_rx(frame_len);
         Ok(Delivery::Done)
@@ -442,6 +478,7 @@ impl NetQueues {
 
     /// Returns the held receive chains unused (length 0) and drops the pending frame.
     fn release_rx(&mut self, ctx: &mut GroupContext<'_>, rx: u16) -> Result<(), DeviceError> {
+        self.flush_rx(ctx, rx)?;
         if self.pending != 0 {
             self.metrics.record_drop(DropReason::NoRxBuffers);
             self.pending = 0;
