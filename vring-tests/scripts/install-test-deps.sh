@@ -6,6 +6,8 @@
 #   * QEMU >= 10 from bookworm-backports: qemu-system-x86, qemu-utils
 #     (qemu-utils ships /usr/bin/qemu-storage-daemon in the 10.x packages);
 #   * busybox-static, cpio (guest initramfs), iproute2;
+#   * iperf3 (the tapbench benchmark runs it on the host and copies it, with
+#     its shared libraries and the dynamic loader, into the guest initramfs);
 #   * user-mode-linux: Linux as a program (/usr/bin/linux.uml, modules in
 #     /usr/lib/uml/modules/<ver>/), a vhost-user frontend through virtio_uml;
 #   * DPDK testpmd as a vhost-user frontend (net_virtio_user) and backend
@@ -55,7 +57,7 @@ if [ "${VERSION_CODENAME:-}" != "bookworm" ]; then
 fi
 
 BACKPORTS_PKGS=(qemu-system-x86 qemu-utils)
-PLAIN_PKGS=(busybox-static cpio user-mode-linux iproute2 xz-utils
+PLAIN_PKGS=(busybox-static cpio user-mode-linux iproute2 xz-utils iperf3
     dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23)
 MIN_QEMU_DEB_VERSION="1:10"
 
@@ -133,7 +135,7 @@ fi
 
 # --- 4. sanity-check the tools ----------------------------------------------
 for b in /usr/bin/qemu-system-x86_64 /usr/bin/qemu-storage-daemon /usr/bin/qemu-img /bin/busybox /usr/bin/cpio \
-    /usr/bin/linux.uml /usr/bin/dpdk-testpmd /usr/bin/stdbuf; do
+    /usr/bin/linux.uml /usr/bin/dpdk-testpmd /usr/bin/stdbuf /usr/bin/iperf3; do
     [ -x "$b" ] || die "$b missing after installation"
 done
 for pmd in librte_net_vhost librte_net_virtio librte_mempool_ring; do

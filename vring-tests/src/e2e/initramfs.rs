@@ -100,6 +100,62 @@ impl<'k> Initramfs<'k> {
         self
     }
 
+    /// Adds a dynamically linked host program at the same path in the guest, with the
+    /// shared libraries and the dynamic loader it needs (as `ldd` lists them on the host,
+    /// each at its host path), so that it runs in the guest as on the host (same kernel
+    /// ABI, same libc). Fails with [`E2eError::Setup`] (naming `package`, the Debian
+    /// package to install) when the program is missing, and when `ldd` cannot resolve a
+    /// library.
+    pub fn host_program(mut self, program: &Path, package: &str) -> Result<Self> {
+        if !program.is_file() {
+            return Err(E2eError::missing(format!(
+                "{} not found (Debian package {package})",
+                program.display()
+            )));
+        }
+        let out = Command::new("ldd")
+            .arg(program)
+            .output()
+            .map_err(|e| E2eError::io(format!("running `ldd {}`", program.display()), e))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(E2eError::Setup(format!(
+                "`ldd {}` failed: {}{}",
+                program.display(),
+                text.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let mut paths = vec![program.to_path_buf()];
+        for line in text.lines() {
+            let line = line.trim();
+            if line.contains("not found") {
+                return Err(E2eError::missing(format!(
+                    "{}: shared library {line} (Debian package {package} and its dependencies)",
+                    program.display()
+                )));
+            }
+            // `libx.so.1 => /lib/.../libx.so.1 (0x...)`, or the loader's
+            // `/lib64/ld-linux-x86-64.so.2 (0x...)`; `linux-vdso.so.1 (0x...)` has no file.
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next(),
+                None => line
+                    .split_whitespace()
+                    .next()
+                    .filter(|p| p.starts_with('/')),
+            };
+            if let Some(p) = path.filter(|p| p.starts_with('/')) {
+                paths.push(PathBuf::from(p));
+            }
+        }
+        for p in paths {
+            let data = read_file(&p)?;
+            let guest = p.to_string_lossy().into_owned();
+            self.files.push((guest, data, 0o755));
+        }
+        Ok(self)
+    }
+
     /// Uses another static busybox binary (default: `$E2E_BUSYBOX`, else
     /// `/bin/busybox`, as installed by `busybox-static`).
     pub fn busybox(mut self, path: impl Into<PathBuf>) -> Self {

@@ -124,6 +124,7 @@ pub struct QemuVm {
     args: Vec<OsString>,
     timeout: Duration,
     echo: bool,
+    netns: Option<String>,
 }
 
 impl QemuVm {
@@ -142,6 +143,7 @@ impl QemuVm {
             args: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
             echo: std::env::var_os("E2E_VERBOSE").is_some_and(|v| !v.is_empty() && v != "0"),
+            netns: None,
         }
     }
 
@@ -243,6 +245,14 @@ impl QemuVm {
         self
     }
 
+    /// Runs QEMU inside network namespace `name` (`ip netns exec NAME qemu-system-x86_64
+    /// ...`; `ip` execs QEMU, so [`RunningVm::pid`] is QEMU's), e.g. for
+    /// `-netdev tap,ifname=...`, whose TAP QEMU creates in its own namespace.
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
+        self
+    }
+
     /// The full command line: program followed by its arguments.
     pub fn command_line(&self) -> Result<Vec<OsString>> {
         let qemu = match &self.qemu {
@@ -250,7 +260,14 @@ impl QemuVm {
             None => qemu_binary()?,
         };
         let mem = format!("{}M", self.memory_mib);
-        let mut v: Vec<OsString> = vec![qemu.into_os_string()];
+        let mut v: Vec<OsString> = match &self.netns {
+            Some(ns) => ["ip", "netns", "exec", ns.as_str()]
+                .iter()
+                .map(OsString::from)
+                .collect(),
+            None => Vec::new(),
+        };
+        v.push(qemu.into_os_string());
         let mut push = |s: &dyn AsRef<OsStr>| v.push(s.as_ref().to_owned());
         push(&"-machine");
         push(&self.machine);
