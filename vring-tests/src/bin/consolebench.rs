@@ -509,7 +509,12 @@ fn per_cpu_cell(xs: &[f64], unit: &str) -> String {
     if xs.contains(&0.0) {
         "n/a (< 1 clock tick of CPU)".into()
     } else {
-        format!("{:.0} {unit}", median(xs.to_vec()))
+        let m = median(xs.to_vec());
+        if m < 10.0 {
+            format!("{m:.2} {unit}")
+        } else {
+            format!("{m:.0} {unit}")
+        }
     }
 }
 
@@ -606,7 +611,12 @@ fn main() -> ExitCode {
                         .collect();
                     let (lo, hi) = min_max(&mibs);
                     let m = median(mibs.clone());
-                    medians.push((pi, bi, m, median(per_cpu.clone())));
+                    let pc = if per_cpu.contains(&0.0) {
+                        0.0
+                    } else {
+                        median(per_cpu.clone())
+                    };
+                    medians.push((pi, bi, m, pc));
                     println!(
                         "| {} | {} | {m:.2} MiB/s | {lo:.2}–{hi:.2} | {} | {} |",
                         match phase {
@@ -679,11 +689,16 @@ fn main() -> ExitCode {
                     o / p,
                     if pc > 0.0 { oc / pc } else { 0.0 }
                 ),
-                _ => println!(
+                _ if oc > 0.0 && pc > 0.0 => println!(
                     "- {phase:?}, {}: {:.2}× the peer's MiB/s, {:.2}× its MiB per backend CPU-second",
                     b.name(),
                     o / p,
-                    if pc > 0.0 { oc / pc } else { 0.0 }
+                    oc / pc
+                ),
+                _ => println!(
+                    "- {phase:?}, {}: {:.2}× the peer's MiB/s (MiB per backend CPU-second: a run used less than a clock tick)",
+                    b.name(),
+                    o / p
                 ),
             }
         }
