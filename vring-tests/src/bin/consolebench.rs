@@ -29,6 +29,18 @@
 //! Our daemon gets 4 KiB receive buffers, EVENT_IDX and kicks only when asked; in the
 //! echo, one receive buffer posted before the byte is sent, as for the peer.
 //!
+//! Then the guest rows (`--vm-reps`, `--vm-mib`): a busybox guest moves the same
+//! amount each way through `/dev/hvc0` (held open, `stty raw -echo`): guest→host `dd
+//! if=/dev/zero of=/dev/hvc0 bs=4096`, host→guest `head -c N /dev/hvc0 | wc -c` then one
+//! acknowledgement byte back; the host side times each from the byte that starts it to
+//! the last byte (or the acknowledgement). (b) QEMU's built-in virtio console in a
+//! QEMU TCG guest (`-device virtio-serial-pci -device virtconsole,chardev=c0 -chardev
+//! socket,...,server=on,wait=off`, the Debian guest kernel's `virtio_console` and the
+//! virtio PCI modules insmod-ed); against it our daemon under user-mode Linux, since
+//! QEMU 10.0 cannot attach a generic vhost-user device. The guests differ (TCG-emulated
+//! x86 vs UML), so these rows show what a user would pick instead, not a controlled
+//! ratio; no CPU figure is given for them (QEMU's CPU time is mostly the emulated guest).
+//!
 //! Repetitions interleave the backends. Reported: MiB/s, MiB per backend CPU-second
 //! (utime + stime of the backend process from /proc over the measured part), latency,
 //! and ours/peer ratios. Markdown on stdout.
@@ -45,13 +57,16 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use vring_tests::e2e::{repo_root, BackgroundProcess, TempDir};
+use vring_tests::e2e::{
+    uml_kernel, GuestKernel, Initramfs, QemuVm, RunningVm, UmlVm, SCRIPT_PRELUDE,
+};
 use vring_tests::frontend::console::{ConsoleFrontend, ConsoleOptions};
 use vring_tests::frontend::stats::{process_cpu_seconds, LatencySummary};
 
@@ -114,6 +129,13 @@ struct Args {
     /// Measurements to run (comma-separated: g2h, h2g, echo).
     #[arg(long, value_delimiter = ',', default_value = "g2h,h2g,echo")]
     phases: Vec<String>,
+    /// Guest runs per VM (QEMU's virtio-console under TCG, ours under user-mode Linux);
+    /// 0 skips them.
+    #[arg(long, default_value_t = 3)]
+    vm_reps: u32,
+    /// MiB each way in a VM run.
+    #[arg(long, default_value_t = 4)]
+    vm_mib: usize,
     /// Receive buffer size given to the peer.
     #[arg(long, default_value_t = 1)]
     peer_rx_buf: u32,
@@ -498,6 +520,231 @@ fn measure(b: Backend, phase: Phase, args: &Args, r: &Running) -> Result<Sample,
     Ok(sample)
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vm {
+    QemuVirtconsole,
+    UmlOurs,
+}
+
+impl Vm {
+    fn name(self) -> &'static str {
+        match self {
+            Vm::QemuVirtconsole => "QEMU 10 virtconsole (TCG guest)",
+            Vm::UmlOurs => "vhost-user-console (UML guest)",
+        }
+    }
+}
+
+/// The guest script: both transfers through /dev/hvc0, each started by a byte from
+/// the host.
+fn vm_script(bytes: usize) -> String {
+    let blocks = bytes / 4096;
+    format!(
+        r#"{SCRIPT_PRELUDE}set -e
+test -c /dev/hvc0 || fail "no /dev/hvc0"
+exec 3<>/dev/hvc0
+stty raw -echo <&3
+step ready
+head -c 1 <&3 > /dev/null
+dd if=/dev/zero bs=4096 count={blocks} >&3 2>/dev/null
+step g2h-sent
+n=$(head -c {bytes} <&3 | wc -c)
+printf k >&3
+[ "$n" -eq {bytes} ] || fail "host→guest: $n of {bytes} bytes"
+step done
+"#
+    )
+}
+
+const VM_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One guest run: (guest→host seconds, host→guest seconds) for `bytes` each way.
+fn vm_run(vm: Vm, bytes: usize) -> Result<(f64, f64), String> {
+    let tmp = TempDir::new("consolebench-vm").map_err(|e| e.to_string())?;
+    let e = |e: vring_tests::e2e::E2eError| e.to_string();
+    let script = vm_script(bytes);
+    let mut daemon = None;
+    let (running, host_path): (RunningVm, PathBuf) = match vm {
+        Vm::QemuVirtconsole => {
+            let kernel = GuestKernel::locate().map_err(e)?;
+            let initrd = Initramfs::new(&kernel)
+                .modules(&["virtio_console"])
+                .script(script)
+                .build()
+                .map_err(e)?;
+            let path = tmp.path().join("c0.sock");
+            let vm = QemuVm::new(&kernel, &initrd)
+                .args([
+                    "-chardev",
+                    &format!("socket,id=c0,path={},server=on,wait=off", path.display()),
+                ])
+                .device("virtio-serial-pci")
+                .device("virtconsole,chardev=c0")
+                .timeout(VM_TIMEOUT)
+                .spawn()
+                .map_err(e)?;
+            (vm, path)
+        }
+        Vm::UmlOurs => {
+            let kernel = uml_kernel().map_err(e)?;
+            let initrd = Initramfs::new(&kernel)
+                .modules(&["virtio_console"])
+                .script(script)
+                .build()
+                .map_err(e)?;
+            let sock = tmp.path().join("vhost.sock");
+            let port = tmp.path().join("port0.sock");
+            let mut cmd = Command::new(our_binary()?);
+            cmd.arg("--socket-path")
+                .arg(&sock)
+                .arg("--port")
+                .arg(format!("socket={}", port.display()))
+                .env("RUST_LOG", backend_log());
+            let mut p =
+                BackgroundProcess::spawn("vhost-user-console", cmd).map_err(|e| e.to_string())?;
+            for s in [&sock, &port] {
+                p.wait_for_socket(s, Duration::from_secs(10))
+                    .map_err(|e| e.to_string())?;
+            }
+            daemon = Some(p);
+            let vm = UmlVm::new(&kernel, &initrd)
+                .virtio_console(&sock)
+                .timeout(VM_TIMEOUT)
+                .spawn()
+                .map_err(e)?;
+            (vm, port)
+        }
+    };
+    let result = vm_host(&running, &host_path, bytes);
+    let out = running.wait().map_err(e);
+    let guest_ok = out.as_ref().map(|o| o.success()).unwrap_or(false);
+    match (result, out) {
+        (Ok(r), Ok(_)) if guest_ok => Ok(r),
+        (Ok(_), Ok(o)) => Err(format!(
+            "guest script failed (E2E-EXIT={})\n{}",
+            o.exit_code, o.log
+        )),
+        (Err(h), o) => Err(format!(
+            "host side: {h}\n{}{}",
+            o.map(|o| o.log).unwrap_or_else(|e| e),
+            daemon.map(|d| d.log()).unwrap_or_default()
+        )),
+        (_, Err(o)) => Err(o),
+    }
+}
+
+/// The host side of a guest run.
+fn vm_host(vm: &RunningVm, path: &Path, bytes: usize) -> Result<(f64, f64), String> {
+    vm.wait_for_output("E2E-STEP", VM_TIMEOUT)
+        .and_then(|()| vm.wait_for_output("] ready", VM_TIMEOUT))
+        .map_err(|e| format!("waiting for the guest: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                log::debug!("connecting to {}: {e}", path.display());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(format!("connecting to {}: {e}", path.display())),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .and_then(|()| s.set_write_timeout(Some(Duration::from_secs(120))))
+        .map_err(|e| format!("socket timeouts: {e}"))?;
+    // Guest→host.
+    let t0 = Instant::now();
+    s.write_all(b"g").map_err(|e| format!("start byte: {e}"))?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut got = 0;
+    while got < bytes {
+        let n = s
+            .read(&mut buf[..(bytes - got).min(64 << 10)])
+            .map_err(|e| format!("guest→host after {got} bytes: {e}"))?;
+        if n == 0 {
+            return Err(format!("guest→host: EOF after {got} bytes"));
+        }
+        if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+            return Err(format!("guest→host: byte {} is {:#x}", got + i, buf[i]));
+        }
+        got += n;
+    }
+    let g2h = t0.elapsed().as_secs_f64();
+    // Host→guest.
+    let mut w = s
+        .try_clone()
+        .map_err(|e| format!("duplicating the socket: {e}"))?;
+    let t1 = Instant::now();
+    let writer = std::thread::spawn(move || -> Result<(), String> {
+        let chunk = vec![b'x'; 64 << 10];
+        let mut sent = 0;
+        while sent < bytes {
+            let n = chunk.len().min(bytes - sent);
+            w.write_all(&chunk[..n])
+                .map_err(|e| format!("host→guest after {sent} bytes: {e}"))?;
+            sent += n;
+        }
+        Ok(())
+    });
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack)
+        .map_err(|e| format!("waiting for the guest's acknowledgement: {e}"))?;
+    let h2g = t1.elapsed().as_secs_f64();
+    join(writer, "host writer")?;
+    if ack != *b"k" {
+        return Err(format!("acknowledgement {:#x}, expected 'k'", ack[0]));
+    }
+    Ok((g2h, h2g))
+}
+
+/// Runs the guest rows and prints their table.
+#[allow(clippy::cast_precision_loss, reason = "byte counts far below 2^52")]
+fn vm_rows(args: &Args) -> usize {
+    let vms = [Vm::QemuVirtconsole, Vm::UmlOurs];
+    let bytes = args.vm_mib * MIB;
+    let mut per: Vec<(Vec<f64>, Vec<f64>)> = vms.iter().map(|_| (Vec::new(), Vec::new())).collect();
+    let mut failures = 0;
+    for rep in 0..args.vm_reps {
+        for (i, &vm) in vms.iter().enumerate() {
+            match vm_run(vm, bytes) {
+                Ok((g, h)) => {
+                    eprintln!(
+                        "vm rep {rep}, {}: guest→host {g:.2}s, host→guest {h:.2}s",
+                        vm.name()
+                    );
+                    if let Some(v) = per.get_mut(i) {
+                        v.0.push(bytes as f64 / MIB as f64 / g);
+                        v.1.push(bytes as f64 / MIB as f64 / h);
+                    }
+                }
+                Err(err) => {
+                    failures += 1;
+                    eprintln!("vm rep {rep}, {}: failed: {err}", vm.name());
+                }
+            }
+        }
+    }
+    println!(
+        "\nGuests: {} MiB each way through /dev/hvc0 per run, {} runs.\n",
+        args.vm_mib, args.vm_reps
+    );
+    println!("| direction | device (guest) | MiB/s median | min–max | runs |");
+    println!("|---|---|---|---|---|");
+    for (dir, pick) in [("guest→host", 0), ("host→guest", 1)] {
+        for (vm, v) in vms.iter().zip(&per) {
+            let xs = if pick == 0 { &v.0 } else { &v.1 };
+            let (lo, hi) = min_max(xs);
+            println!(
+                "| {dir} | {} | {:.2} | {lo:.2}–{hi:.2} | {} |",
+                vm.name(),
+                median(xs.clone()),
+                xs.len()
+            );
+        }
+    }
+    failures
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs.get(xs.len() / 2).copied().unwrap_or(0.0)
@@ -578,111 +825,114 @@ fn main() -> ExitCode {
             }
         }
     }
-    println!(
+    if args.reps > 0 {
+        println!(
         "Queue size {}, {} MiB per throughput run ({} MiB host→guest for the peer), {} echo round trips, {} repetitions.\n",
         args.queue_size, args.mib, args.peer_h2g_mib, args.echo_rounds, args.reps
     );
-    println!("| measurement | backend | median | min–max | per backend CPU-s (median) | runs |");
-    println!("|---|---|---|---|---|---|");
-    // (phase, backend) → median of the headline figure, for the ratios.
-    let mut medians = Vec::new();
-    for (pi, &phase) in phases.iter().enumerate() {
-        for (bi, &b) in backends.iter().enumerate() {
-            let samples = results
-                .get(pi)
-                .and_then(|r| r.get(bi))
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            match phase {
-                Phase::GuestToHost | Phase::HostToGuest => {
-                    let mibs: Vec<f64> = samples
-                        .iter()
-                        .map(|s| s.bytes as f64 / MIB as f64 / s.seconds)
-                        .collect();
-                    let per_cpu: Vec<f64> = samples
-                        .iter()
-                        .map(|s| {
-                            if s.cpu > 0.0 {
-                                s.bytes as f64 / MIB as f64 / s.cpu
-                            } else {
-                                0.0
-                            }
-                        })
-                        .collect();
-                    let (lo, hi) = min_max(&mibs);
-                    let m = median(mibs.clone());
-                    let pc = if per_cpu.contains(&0.0) {
-                        0.0
-                    } else {
-                        median(per_cpu.clone())
-                    };
-                    medians.push((pi, bi, m, pc));
-                    println!(
-                        "| {} | {} | {m:.2} MiB/s | {lo:.2}–{hi:.2} | {} | {} |",
-                        match phase {
-                            Phase::GuestToHost => "guest→host",
-                            _ => "host→guest",
-                        },
-                        b.name(),
-                        per_cpu_cell(&per_cpu, "MiB"),
-                        mibs.len()
-                    );
-                }
-                Phase::Echo => {
-                    let p50s: Vec<f64> = samples
-                        .iter()
-                        .map(|s| {
-                            let mut l = s.latencies.clone();
-                            LatencySummary::from_nanos(&mut l).p50.as_nanos() as f64 / 1e3
-                        })
-                        .collect();
-                    let p99s: Vec<f64> = samples
-                        .iter()
-                        .map(|s| {
-                            let mut l = s.latencies.clone();
-                            LatencySummary::from_nanos(&mut l).p99.as_nanos() as f64 / 1e3
-                        })
-                        .collect();
-                    let per_cpu: Vec<f64> = samples
-                        .iter()
-                        .map(|s| {
-                            if s.cpu > 0.0 {
-                                s.bytes as f64 / s.cpu
-                            } else {
-                                0.0
-                            }
-                        })
-                        .collect();
-                    let (lo, hi) = min_max(&p50s);
-                    let (lo99, hi99) = min_max(&p99s);
-                    let m = median(p50s.clone());
-                    medians.push((pi, bi, m, median(p99s.clone())));
-                    println!(
+        println!(
+            "| measurement | backend | median | min–max | per backend CPU-s (median) | runs |"
+        );
+        println!("|---|---|---|---|---|---|");
+        // (phase, backend) → median of the headline figure, for the ratios.
+        let mut medians = Vec::new();
+        for (pi, &phase) in phases.iter().enumerate() {
+            for (bi, &b) in backends.iter().enumerate() {
+                let samples = results
+                    .get(pi)
+                    .and_then(|r| r.get(bi))
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
+                match phase {
+                    Phase::GuestToHost | Phase::HostToGuest => {
+                        let mibs: Vec<f64> = samples
+                            .iter()
+                            .map(|s| s.bytes as f64 / MIB as f64 / s.seconds)
+                            .collect();
+                        let per_cpu: Vec<f64> = samples
+                            .iter()
+                            .map(|s| {
+                                if s.cpu > 0.0 {
+                                    s.bytes as f64 / MIB as f64 / s.cpu
+                                } else {
+                                    0.0
+                                }
+                            })
+                            .collect();
+                        let (lo, hi) = min_max(&mibs);
+                        let m = median(mibs.clone());
+                        let pc = if per_cpu.contains(&0.0) {
+                            0.0
+                        } else {
+                            median(per_cpu.clone())
+                        };
+                        medians.push((pi, bi, m, pc));
+                        println!(
+                            "| {} | {} | {m:.2} MiB/s | {lo:.2}–{hi:.2} | {} | {} |",
+                            match phase {
+                                Phase::GuestToHost => "guest→host",
+                                _ => "host→guest",
+                            },
+                            b.name(),
+                            per_cpu_cell(&per_cpu, "MiB"),
+                            mibs.len()
+                        );
+                    }
+                    Phase::Echo => {
+                        let p50s: Vec<f64> = samples
+                            .iter()
+                            .map(|s| {
+                                let mut l = s.latencies.clone();
+                                LatencySummary::from_nanos(&mut l).p50.as_nanos() as f64 / 1e3
+                            })
+                            .collect();
+                        let p99s: Vec<f64> = samples
+                            .iter()
+                            .map(|s| {
+                                let mut l = s.latencies.clone();
+                                LatencySummary::from_nanos(&mut l).p99.as_nanos() as f64 / 1e3
+                            })
+                            .collect();
+                        let per_cpu: Vec<f64> = samples
+                            .iter()
+                            .map(|s| {
+                                if s.cpu > 0.0 {
+                                    s.bytes as f64 / s.cpu
+                                } else {
+                                    0.0
+                                }
+                            })
+                            .collect();
+                        let (lo, hi) = min_max(&p50s);
+                        let (lo99, hi99) = min_max(&p99s);
+                        let m = median(p50s.clone());
+                        medians.push((pi, bi, m, median(p99s.clone())));
+                        println!(
                         "| echo 1 B p50 / p99 | {} | {m:.1} / {:.1} µs | {lo:.1}–{hi:.1} / {lo99:.1}–{hi99:.1} | {} | {} |",
                         b.name(),
                         median(p99s),
                         per_cpu_cell(&per_cpu, "round trips"),
                         p50s.len()
                     );
+                    }
                 }
             }
         }
-    }
-    let peer = backends.len() - 1;
-    println!();
-    for (pi, &phase) in phases.iter().enumerate() {
-        let get = |bi: usize| {
-            medians
-                .iter()
-                .find(|m| m.0 == pi && m.1 == bi)
-                .map(|m| (m.2, m.3))
-        };
-        let Some((p, pc)) = get(peer).filter(|p| p.0 > 0.0) else {
-            continue;
-        };
-        for (bi, &b) in backends.iter().enumerate().take(peer) {
-            let Some((o, oc)) = get(bi) else { continue };
-            match phase {
+        let peer = backends.len() - 1;
+        println!();
+        for (pi, &phase) in phases.iter().enumerate() {
+            let get = |bi: usize| {
+                medians
+                    .iter()
+                    .find(|m| m.0 == pi && m.1 == bi)
+                    .map(|m| (m.2, m.3))
+            };
+            let Some((p, pc)) = get(peer).filter(|p| p.0 > 0.0) else {
+                continue;
+            };
+            for (bi, &b) in backends.iter().enumerate().take(peer) {
+                let Some((o, oc)) = get(bi) else { continue };
+                match phase {
                 Phase::Echo => println!(
                     "- echo, {}: p50 {:.2}× the peer's, p99 {:.2}× (lower is better)",
                     b.name(),
@@ -701,7 +951,11 @@ fn main() -> ExitCode {
                     o / p
                 ),
             }
+            }
         }
+    }
+    if args.vm_reps > 0 {
+        failures += vm_rows(&args);
     }
     if failures > 0 {
         eprintln!("{failures} runs failed");
