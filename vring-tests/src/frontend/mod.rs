@@ -39,6 +39,7 @@
 //! ```
 
 pub mod blk;
+pub mod console;
 mod memory;
 mod queue;
 mod raw;
