@@ -35,7 +35,6 @@
 //! # }
 //! ```
 
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
@@ -43,11 +42,11 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
-use vhost::{VhostBackend, VringConfigData};
+use vhost::VhostBackend;
 use virtio_core::driver::{ring_footprint, DriverBuffer, DriverQueue};
 use virtio_core::RingLayout;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{connect_socket, memory, raw, FrontendError, Result};
 
@@ -239,47 +238,13 @@ impl Ring {
         stats: &mut ConsoleStats,
     ) -> Result<()> {
         stats.sleeps += 1;
-        sleep_on(&self.call, self.index, max)?;
+        super::sleep_on_call(&self.call, self.index, max)?;
         self.disarm(mem)
     }
 
     fn disarm(&mut self, mem: &GuestMemoryMmap) -> Result<()> {
         self.driver.disable_interrupts(mem).map_err(self.drv())
     }
-}
-
-/// Polls `call` for at most `max` and resets it.
-fn sleep_on(call: &EventFd, index: u16, max: Duration) -> Result<()> {
-    let mut pfd = libc::pollfd {
-        fd: call.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(max.as_millis().clamp(1, 60_000)).unwrap_or(60_000);
-    // SAFETY: `pfd` is a valid pollfd for the duration of the call, and nfds is 1.
-    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(FrontendError::io(
-                format!("queue {index}: poll on call eventfd"),
-                e,
-            ));
-        }
-    }
-    if r > 0 {
-        match call.read() {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => {
-                return Err(FrontendError::io(
-                    format!("queue {index}: reading call eventfd"),
-                    e,
-                ))
-            }
-        }
-    }
-    Ok(())
 }
 
 /// A connected, running single-port console frontend.
@@ -785,25 +750,7 @@ fn setup_ring(
             .map_err(FrontendError::vhost(step("SET_VRING_BASE")))?,
         RingLayout::Packed => raw::set_vring_base(sock, index, raw::PACKED_FRESH_BASE, reply_ack)?,
     }
-    let config = VringConfigData {
-        queue_max_size: opts.queue_size,
-        queue_size: opts.queue_size,
-        flags: 0,
-        desc_table_addr: memory::user_addr(mem, driver.desc_table())?,
-        used_ring_addr: memory::user_addr(mem, driver.device_area())?,
-        avail_ring_addr: memory::user_addr(mem, driver.driver_area())?,
-        log_addr: None,
-    };
-    fe.set_vring_addr(qi, &config)
-        .map_err(FrontendError::vhost(step("SET_VRING_ADDR")))?;
-    let eventfd =
-        || EventFd::new(EFD_NONBLOCK).map_err(|e| FrontendError::io("creating an eventfd", e));
-    let (kick, call) = (eventfd()?, eventfd()?);
-    fe.set_vring_call(qi, &call)
-        .map_err(FrontendError::vhost(step("SET_VRING_CALL")))?;
-    fe.set_vring_kick(qi, &kick)
-        .map_err(FrontendError::vhost(step("SET_VRING_KICK")))?;
-    Ok((kick, call))
+    super::set_vring_addr_and_eventfds(fe, mem, index, opts.queue_size, driver)
 }
 
 #[cfg(test)]

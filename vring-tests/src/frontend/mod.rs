@@ -641,25 +641,7 @@ impl BlkFrontend {
                 raw::set_vring_base(sock, i, sent, reply_ack)?
             }
         }
-        let config = VringConfigData {
-            queue_max_size: opts.queue_size,
-            queue_size: opts.queue_size,
-            flags: 0,
-            desc_table_addr: memory::user_addr(mem, driver.desc_table())?,
-            used_ring_addr: memory::user_addr(mem, driver.device_area())?,
-            avail_ring_addr: memory::user_addr(mem, driver.driver_area())?,
-            log_addr: None,
-        };
-        fe.set_vring_addr(qi, &config)
-            .map_err(FrontendError::vhost(step("SET_VRING_ADDR")))?;
-        let eventfd =
-            || EventFd::new(EFD_NONBLOCK).map_err(|e| FrontendError::io("creating an eventfd", e));
-        let (kick, call) = (eventfd()?, eventfd()?);
-        fe.set_vring_call(qi, &call)
-            .map_err(FrontendError::vhost(step("SET_VRING_CALL")))?;
-        fe.set_vring_kick(qi, &kick)
-            .map_err(FrontendError::vhost(step("SET_VRING_KICK")))?;
-        Ok((kick, call))
+        set_vring_addr_and_eventfds(fe, mem, i, opts.queue_size, driver)
     }
 
     /// Connects again after the backend went away (a restarted backend listening on
@@ -933,6 +915,75 @@ fn validate(o: &FrontendOptions) -> Result<()> {
             "max block size {} is not a positive multiple of 512",
             o.max_block_size
         ));
+    }
+    Ok(())
+}
+
+/// The end of every ring's set-up, common to the frontends: SET_VRING_ADDR (frontend
+/// virtual addresses of `driver`'s areas), then fresh nonblocking call and kick eventfds
+/// (SET_VRING_CALL, SET_VRING_KICK). Returns (kick, call).
+pub(crate) fn set_vring_addr_and_eventfds(
+    fe: &mut Frontend,
+    mem: &GuestMemoryMmap,
+    index: u16,
+    queue_size: u16,
+    driver: &DriverQueue,
+) -> Result<(EventFd, EventFd)> {
+    let qi = usize::from(index);
+    let step = |what: &str| format!("{what} (queue {index})");
+    let config = VringConfigData {
+        queue_max_size: queue_size,
+        queue_size,
+        flags: 0,
+        desc_table_addr: memory::user_addr(mem, driver.desc_table())?,
+        used_ring_addr: memory::user_addr(mem, driver.device_area())?,
+        avail_ring_addr: memory::user_addr(mem, driver.driver_area())?,
+        log_addr: None,
+    };
+    fe.set_vring_addr(qi, &config)
+        .map_err(FrontendError::vhost(step("SET_VRING_ADDR")))?;
+    let eventfd =
+        || EventFd::new(EFD_NONBLOCK).map_err(|e| FrontendError::io("creating an eventfd", e));
+    let (kick, call) = (eventfd()?, eventfd()?);
+    fe.set_vring_call(qi, &call)
+        .map_err(FrontendError::vhost(step("SET_VRING_CALL")))?;
+    fe.set_vring_kick(qi, &kick)
+        .map_err(FrontendError::vhost(step("SET_VRING_KICK")))?;
+    Ok((kick, call))
+}
+
+/// Sleeps on a queue's call eventfd for at most `max` (poll), then resets it. The read is
+/// nonblocking (the backend may have set O_NONBLOCK on the shared file anyway): EAGAIN
+/// means another reader got it.
+pub(crate) fn sleep_on_call(call: &EventFd, index: u16, max: Duration) -> Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(max.as_millis().clamp(1, 60_000)).unwrap_or(60_000);
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call, and nfds is 1.
+    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(FrontendError::io(
+                format!("queue {index}: poll on call eventfd"),
+                e,
+            ));
+        }
+    }
+    if r > 0 {
+        match call.read() {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                return Err(FrontendError::io(
+                    format!("queue {index}: reading call eventfd"),
+                    e,
+                ))
+            }
+        }
     }
     Ok(())
 }

@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One request queue of the frontend: request slots, submission, kicks and completions.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
@@ -459,38 +458,7 @@ impl BlkQueue {
     }
 
     fn sleep_on_call(&mut self, max: Duration) -> Result<(), FrontendError> {
-        let mut pfd = libc::pollfd {
-            fd: self.call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = libc::c_int::try_from(max.as_millis().clamp(1, 60_000)).unwrap_or(60_000);
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call, and nfds is 1.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(FrontendError::io(
-                    format!("queue {}: poll on call eventfd", self.index),
-                    e,
-                ));
-            }
-        }
-        if r > 0 {
-            // Nonblocking (the backend may have set O_NONBLOCK on the shared file
-            // anyway): reset the counter; EAGAIN means another reader got it.
-            match self.call.read() {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    return Err(FrontendError::io(
-                        format!("queue {}: reading call eventfd", self.index),
-                        e,
-                    ))
-                }
-            }
-        }
-        Ok(())
+        super::sleep_on_call(&self.call, self.index, max)
     }
 
     fn timeout_error(&self) -> FrontendError {
