@@ -471,3 +471,47 @@ fn walk_chain(
         }
     }
 }
+
+#[cfg(test)]
+mod event_tests {
+    use super::desc_event_needs_notification;
+
+    /// (index, wrap counter) of an absolute ring position; lap 0 has wrap counter 1.
+    fn pos(abs: u64, size: u16) -> (u16, bool) {
+        let s = u64::from(size);
+        (u16::try_from(abs % s).unwrap_or(0), (abs / s) % 2 == 0)
+    }
+
+    /// Every case of a DESC-mode decision on small and 128-entry rings, across laps: the
+    /// other side waits at absolute position `event` (at most a ring behind `new`); the
+    /// batch covers `old..new` (1 to `size` positions). A notification is due exactly
+    /// when the batch covers `event`. A wrong answer at a lap boundary is a lost
+    /// notification (a hang) or a spurious one.
+    #[test]
+    fn desc_event_decision_is_exact_at_every_lap_boundary() {
+        for size in [1u16, 2, 3, 8, 128] {
+            let s = u64::from(size);
+            // Start far enough in to have a lap behind, and cover three laps.
+            for old in s..4 * s {
+                for k in 1..=s {
+                    let new = old + k;
+                    for event in new.saturating_sub(s)..=new {
+                        let (off, wrap) = pos(event, size);
+                        let off_wrap = off | (u16::from(wrap) << 15);
+                        let got = desc_event_needs_notification(
+                            size,
+                            off_wrap,
+                            pos(new, size),
+                            pos(old, size).0,
+                        );
+                        let want = (old..new).contains(&event);
+                        assert_eq!(
+                            got, want,
+                            "size {size}: batch {old}..{new}, event at {event}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
