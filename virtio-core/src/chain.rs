@@ -127,12 +127,6 @@ impl DescriptorChain {
         prefetch_iovecs(self.readable_iovecs(), len);
     }
 
-    /// The same for the first `len` bytes of the device-writable buffers (a receive
-    /// buffer about to be filled).
-    pub fn prefetch_writable(&self, len: usize) {
-        prefetch_iovecs(self.writable_iovecs(), len);
-    }
-
     /// The guest memory the iovecs point into; holding it keeps them valid.
     pub fn memory(&self) -> Option<&Arc<GuestMemoryView>> {
         self.mem.as_ref()

@@ -151,32 +151,7 @@ impl Guest {
 
     /// Transmits `f` behind a plain 12-byte header and waits for the chain back.
     fn send(&mut self, f: &[u8]) {
-        let at = self.next_tx;
-        self.next_tx += 0x1000;
-        let mut b = vec![0u8; 12];
-        b.extend_from_slice(f);
-        self.mem.mem.write_slice(&b, GuestAddress(at)).unwrap();
-        let id = self
-            .tx
-            .add_chain(
-                &self.mem.mem,
-                &[DriverBuffer {
-                    addr: at,
-                    len: b.len() as u32,
-                    writable: false,
-                }],
-            )
-            .unwrap();
-        self.kicks[1].write(1).unwrap();
-        let start = Instant::now();
-        loop {
-            if let Some(u) = self.tx.pop_used(&self.mem.mem).unwrap() {
-                assert_eq!(u, (id, 0));
-                return;
-            }
-            assert!(start.elapsed() < TIMEOUT, "transmit chain not returned");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        self.send_burst(&[f.to_vec()]);
     }
 
     /// Transmits every frame of `frames` with one kick and waits until the device returned
