@@ -40,7 +40,7 @@ use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::VhostBackend;
 use virtio_core::driver::{ring_footprint, DriverBuffer, DriverQueue};
@@ -48,7 +48,7 @@ use virtio_core::RingLayout;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{connect_socket, memory, raw, FrontendError, Result};
+use super::{memory, raw, FrontendError, Result};
 
 /// VIRTIO_CONSOLE_F_SIZE (§5.3.3).
 pub const VIRTIO_CONSOLE_F_SIZE: u32 = 0;
@@ -303,31 +303,12 @@ impl ConsoleFrontend {
     pub fn connect(socket: impl AsRef<Path>, opts: ConsoleOptions) -> Result<ConsoleFrontend> {
         let path = socket.as_ref();
         validate(&opts)?;
-        let stream = connect_socket(path, opts.timeout)?;
-        stream
-            .set_read_timeout(Some(opts.timeout))
-            .and_then(|()| stream.set_write_timeout(Some(opts.timeout)))
-            .map_err(|e| FrontendError::io("setting socket timeouts", e))?;
-        let sock = stream
-            .try_clone()
-            .map_err(|e| FrontendError::io("duplicating the socket", e))?;
-        let mut fe = Frontend::from_stream(stream, 2);
-        fe.set_owner().map_err(FrontendError::vhost("SET_OWNER"))?;
+        let (mut fe, sock) = super::open_frontend(path, opts.timeout, 2)?;
 
         let offered = fe
             .get_features()
             .map_err(FrontendError::vhost("GET_FEATURES"))?;
-        let need = |b: u32, name: &'static str| {
-            if offered & bit(b) == 0 {
-                Err(FrontendError::FeatureNotOffered {
-                    feature: name,
-                    bit: b,
-                    offered,
-                })
-            } else {
-                Ok(())
-            }
-        };
+        let need = |b: u32, name: &'static str| super::require_feature(offered, b, name);
         need(VIRTIO_F_VERSION_1, "VIRTIO_F_VERSION_1")?;
         let mut want = bit(VIRTIO_F_VERSION_1)
             | bit(VHOST_USER_F_PROTOCOL_FEATURES)
@@ -355,31 +336,12 @@ impl ConsoleFrontend {
         };
         let protocol = acked & bit(VHOST_USER_F_PROTOCOL_FEATURES) != 0;
         if protocol {
-            let pf = fe
-                .get_protocol_features()
-                .map_err(FrontendError::vhost("GET_PROTOCOL_FEATURES"))?;
-            let acked_pf = pf
-                & (VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK);
-            fe.set_protocol_features(acked_pf)
-                .map_err(FrontendError::vhost("SET_PROTOCOL_FEATURES"))?;
+            let want_pf = VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::REPLY_ACK;
+            let (pf, acked_pf, _) = super::negotiate_protocol(&mut fe, want_pf, 2)?;
             info.offered_protocol_features = pf.bits();
             info.acked_protocol_features = acked_pf.bits();
-            if acked_pf.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            }
-            if acked_pf.contains(VhostUserProtocolFeatures::MQ) {
-                let n = fe
-                    .get_queue_num()
-                    .map_err(FrontendError::vhost("GET_QUEUE_NUM"))?;
-                if n < 2 {
-                    return Err(FrontendError::NotEnoughQueues {
-                        requested: 2,
-                        available: n,
-                    });
-                }
-            }
         }
         fe.set_features(acked)
             .map_err(FrontendError::vhost("SET_FEATURES"))?;

@@ -343,36 +343,16 @@ impl BlkFrontend {
     /// Connects to `path` and negotiates features, protocol features and the
     /// configuration up to SET_FEATURES.
     fn negotiate(path: &Path, opts: &FrontendOptions) -> Result<Session> {
-        let stream = connect_socket(path, opts.timeout)?;
-        // The `vhost` frontend blocks on replies. The timeouts make a silent backend an
-        // error for most requests; GET_CONFIG, whose refusal by libvhost-user (an empty
-        // reply) the `vhost` crate misreads and then waits for forever, also runs under a
-        // watchdog that shuts the socket down.
-        let set_timeouts = stream
-            .set_read_timeout(Some(opts.timeout))
-            .and_then(|()| stream.set_write_timeout(Some(opts.timeout)));
-        set_timeouts.map_err(|e| FrontendError::io("setting socket timeouts", e))?;
-        let raw_sock = stream
-            .try_clone()
-            .map_err(|e| FrontendError::io("duplicating the socket", e))?;
-        let mut fe = Frontend::from_stream(stream, u64::from(opts.queues));
-        fe.set_owner().map_err(FrontendError::vhost("SET_OWNER"))?;
+        // GET_CONFIG, whose refusal by libvhost-user (an empty reply) the `vhost` crate
+        // misreads and then waits for forever, also runs under a watchdog that shuts the
+        // socket down.
+        let (mut fe, raw_sock) = open_frontend(path, opts.timeout, u64::from(opts.queues))?;
 
         // Virtio features.
         let offered = fe
             .get_features()
             .map_err(FrontendError::vhost("GET_FEATURES"))?;
-        let need = |b: u32, name: &'static str| {
-            if offered & bit(b) == 0 {
-                Err(FrontendError::FeatureNotOffered {
-                    feature: name,
-                    bit: b,
-                    offered,
-                })
-            } else {
-                Ok(())
-            }
-        };
+        let need = |b: u32, name: &'static str| require_feature(offered, b, name);
         need(blk::VIRTIO_F_VERSION_1, "VIRTIO_F_VERSION_1")?;
         let mut want = bit(blk::VIRTIO_F_VERSION_1) | bit(blk::VHOST_USER_F_PROTOCOL_FEATURES);
         for b in blk::ACCEPTED_BLK_FEATURES {
@@ -406,9 +386,6 @@ impl BlkFrontend {
 
         // Protocol features.
         if offered & bit(blk::VHOST_USER_F_PROTOCOL_FEATURES) != 0 {
-            let pf = fe
-                .get_protocol_features()
-                .map_err(FrontendError::vhost("GET_PROTOCOL_FEATURES"))?;
             let mut want_pf = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG;
             if opts.reply_ack {
                 want_pf |= VhostUserProtocolFeatures::REPLY_ACK;
@@ -416,26 +393,10 @@ impl BlkFrontend {
             if opts.inflight {
                 want_pf |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
             }
-            let acked_pf = pf & want_pf;
-            fe.set_protocol_features(acked_pf)
-                .map_err(FrontendError::vhost("SET_PROTOCOL_FEATURES"))?;
+            let (pf, acked_pf, queue_num) = negotiate_protocol(&mut fe, want_pf, opts.queues)?;
             info.offered_protocol_features = pf.bits();
             info.acked_protocol_features = acked_pf.bits();
-            if acked_pf.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            }
-            if acked_pf.contains(VhostUserProtocolFeatures::MQ) {
-                let n = fe
-                    .get_queue_num()
-                    .map_err(FrontendError::vhost("GET_QUEUE_NUM"))?;
-                info.backend_queue_num = Some(n);
-                if n < u64::from(opts.queues) {
-                    return Err(FrontendError::NotEnoughQueues {
-                        requested: opts.queues,
-                        available: n,
-                    });
-                }
-            }
+            info.backend_queue_num = queue_num;
             if acked_pf.contains(VhostUserProtocolFeatures::CONFIG) {
                 let len = blk::CONFIG_READ_LEN;
                 let zeros = vec![0u8; len as usize];
@@ -917,6 +878,78 @@ fn validate(o: &FrontendOptions) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Connects to the backend at `path` as a frontend of `queues` queues, with `timeout` on
+/// every socket read and write (the `vhost` frontend blocks on replies: the timeouts make
+/// a silent backend an error), and sends SET_OWNER. Returns the frontend and a second
+/// handle on its socket, for the messages the `vhost` crate cannot send.
+pub(crate) fn open_frontend(
+    path: &Path,
+    timeout: Duration,
+    queues: u64,
+) -> Result<(Frontend, UnixStream)> {
+    let stream = connect_socket(path, timeout)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| FrontendError::io("setting socket timeouts", e))?;
+    let raw_sock = stream
+        .try_clone()
+        .map_err(|e| FrontendError::io("duplicating the socket", e))?;
+    let fe = Frontend::from_stream(stream, queues);
+    fe.set_owner().map_err(FrontendError::vhost("SET_OWNER"))?;
+    Ok((fe, raw_sock))
+}
+
+/// [`FrontendError::FeatureNotOffered`] unless `offered` has bit `b` (named `name`).
+pub(crate) fn require_feature(offered: u64, b: u32, name: &'static str) -> Result<()> {
+    if offered & bit(b) == 0 {
+        Err(FrontendError::FeatureNotOffered {
+            feature: name,
+            bit: b,
+            offered,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// GET_PROTOCOL_FEATURES, then SET_PROTOCOL_FEATURES with what of `want` is offered;
+/// with REPLY_ACK every later request asks for a reply, with MQ the backend must have at
+/// least `queues` queues. Returns (offered, acked, the backend's queue count with MQ).
+pub(crate) fn negotiate_protocol(
+    fe: &mut Frontend,
+    want: VhostUserProtocolFeatures,
+    queues: u16,
+) -> Result<(
+    VhostUserProtocolFeatures,
+    VhostUserProtocolFeatures,
+    Option<u64>,
+)> {
+    let pf = fe
+        .get_protocol_features()
+        .map_err(FrontendError::vhost("GET_PROTOCOL_FEATURES"))?;
+    let acked = pf & want;
+    fe.set_protocol_features(acked)
+        .map_err(FrontendError::vhost("SET_PROTOCOL_FEATURES"))?;
+    if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    let mut queue_num = None;
+    if acked.contains(VhostUserProtocolFeatures::MQ) {
+        let n = fe
+            .get_queue_num()
+            .map_err(FrontendError::vhost("GET_QUEUE_NUM"))?;
+        queue_num = Some(n);
+        if n < u64::from(queues) {
+            return Err(FrontendError::NotEnoughQueues {
+                requested: queues,
+                available: n,
+            });
+        }
+    }
+    Ok((pf, acked, queue_num))
 }
 
 /// The end of every ring's set-up, common to the frontends: SET_VRING_ADDR (frontend
