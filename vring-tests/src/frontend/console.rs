@@ -272,15 +272,7 @@ impl std::fmt::Debug for ConsoleFrontend {
 
 fn validate(o: &ConsoleOptions) -> Result<()> {
     let bad = |m: String| Err(FrontendError::InvalidOptions(m));
-    if o.queue_size == 0 || o.queue_size > 32768 {
-        return bad(format!("queue size {} not in 1..=32768", o.queue_size));
-    }
-    if !o.packed && !o.queue_size.is_power_of_two() {
-        return bad(format!(
-            "split queue size {} is not a power of 2",
-            o.queue_size
-        ));
-    }
+    super::validate_queue_size(o.queue_size, o.packed)?;
     if o.rx_depth == 0 || o.rx_depth > o.queue_size {
         return bad(format!(
             "receive depth {} not in 1..={}",

@@ -856,15 +856,7 @@ fn validate(o: &FrontendOptions) -> Result<()> {
     if o.queues == 0 {
         return bad("queues must be at least 1".into());
     }
-    if o.queue_size == 0 || o.queue_size > 32768 {
-        return bad(format!("queue size {} not in 1..=32768", o.queue_size));
-    }
-    if !o.packed && !o.queue_size.is_power_of_two() {
-        return bad(format!(
-            "split queue size {} is not a power of 2",
-            o.queue_size
-        ));
-    }
+    validate_queue_size(o.queue_size, o.packed)?;
     if o.slots == 0 || o.slots > o.queue_size {
         return bad(format!(
             "{} slots do not fit a ring of {}",
@@ -900,6 +892,22 @@ pub(crate) fn open_frontend(
     let fe = Frontend::from_stream(stream, queues);
     fe.set_owner().map_err(FrontendError::vhost("SET_OWNER"))?;
     Ok((fe, raw_sock))
+}
+
+/// Refuses a ring size virtio does not allow: 1 to 32768, a power of 2 for split rings
+/// (§2.6, §2.7).
+pub(crate) fn validate_queue_size(size: u16, packed: bool) -> Result<()> {
+    if size == 0 || size > 32768 {
+        return Err(FrontendError::InvalidOptions(format!(
+            "queue size {size} not in 1..=32768"
+        )));
+    }
+    if !packed && !size.is_power_of_two() {
+        return Err(FrontendError::InvalidOptions(format!(
+            "split queue size {size} is not a power of 2"
+        )));
+    }
+    Ok(())
 }
 
 /// [`FrontendError::FeatureNotOffered`] unless `offered` has bit `b` (named `name`).
