@@ -96,6 +96,9 @@ pub struct DriverQueue {
     slots_of_id: Vec<u16>,
     free_slots: u16,
     kicked_pos: (u16, bool),
+    /// Ring slots made available since the last kick decision: the packed event index
+    /// arithmetic holds only within one ring (§2.8.10).
+    added_since_kick: u32,
 }
 
 impl DriverQueue {
@@ -122,6 +125,7 @@ impl DriverQueue {
             slots_of_id: vec![0; usize::from(size)],
             free_slots: size,
             kicked_pos: (0, true),
+            added_since_kick: 0,
         }
     }
 
@@ -421,6 +425,9 @@ impl DriverQueue {
             head_flags,
         )?;
         self.free_slots -= u16::try_from(slots).unwrap_or(0);
+        self.added_since_kick = self
+            .added_since_kick
+            .saturating_add(u32::try_from(slots).unwrap_or(u32::MAX));
         self.slots_of_id[usize::from(id)] = u16::try_from(slots).unwrap_or(0);
         Ok(id)
     }
@@ -503,12 +510,21 @@ impl DriverQueue {
                 let old = self.kicked_pos;
                 let new = (self.next_avail, self.avail_wrap_counter);
                 self.kicked_pos = new;
-                if old == new {
+                let added = std::mem::take(&mut self.added_since_kick);
+                if added == 0 {
                     return Ok(false);
                 }
                 let flags = u16::from_le(Self::read::<u16, M>(mem, self.device_area + 2)?) & 3;
                 match flags {
                     RING_EVENT_FLAGS_DISABLE => Ok(false),
+                    // A ring or more since the last decision: every slot was passed, so
+                    // whatever slot the device asked for was made available. Positions
+                    // alone (index and wrap counter) cannot tell a full ring from none,
+                    // or two rings from one: a device that kept consuming meanwhile
+                    // (polling) would otherwise wait for a kick that never comes.
+                    RING_EVENT_FLAGS_DESC if self.event_idx && added >= u32::from(self.size) => {
+                        Ok(true)
+                    }
                     RING_EVENT_FLAGS_DESC if self.event_idx => {
                         let off_wrap = u16::from_le(Self::read::<u16, M>(mem, self.device_area)?);
                         Ok(crate::queue::desc_event_needs_notification(

@@ -289,6 +289,38 @@ fn packed_desc_flags_without_event_idx_notify() {
     assert!(queue.needs_notification());
 }
 
+/// The driver's packed kick decision after more than a ring of additions since its last
+/// one: the device consumed them while polling (notifications off), then enabled
+/// notifications at a slot the driver passed since. Ring positions alone alias here (13
+/// slots since the last decision on an 8-slot ring look like 5), and the driver must
+/// still kick (§2.8.10): the console bench once hung this way with a 128-slot ring.
+#[test]
+fn packed_driver_kicks_after_more_than_a_ring_of_additions_since_its_last_decision() {
+    let (mem, mut driver, mut queue) = packed_setup(8, true);
+    driver.add_chain(&mem, &[buf(0)]).unwrap();
+    assert!(driver.needs_kick(&mem).unwrap());
+    queue.disable_notification();
+    // Absolute positions 0..=4: popped and used as they come, no kick decision.
+    for k in 0..5u64 {
+        if k > 0 {
+            driver.add_chain(&mem, &[buf(k)]).unwrap();
+        }
+        let c = queue.pop().unwrap().unwrap();
+        queue.add_used(c.id(), 0).unwrap();
+        assert!(driver.pop_used(&mem).unwrap().is_some());
+    }
+    // The device sleeps, asking for a kick at position 5 (slot 5, first lap).
+    assert!(!queue.enable_notification().unwrap());
+    // Eight more (a full ring): positions 5..=12, 12 slots after the last decision.
+    for k in 5..13u64 {
+        driver.add_chain(&mem, &[buf(k)]).unwrap();
+    }
+    assert!(
+        driver.needs_kick(&mem).unwrap(),
+        "the device waits at a slot made available since the last kick decision"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // (8) No lost wake-up.
 // ---------------------------------------------------------------------------------------
