@@ -265,15 +265,19 @@ impl QueueHandler for SourceHandler {
         assert_eq!(token, PIPE);
         assert!(events.readable);
         let mut b = [0u8; 64];
+        let mut got = 0;
         while let Ok(n) = (&self.pipe).read(&mut b) {
             if n == 0 {
                 break;
             }
-            self.seen.fetch_add(n, Ordering::AcqRel);
+            got += n;
         }
         // Paused until the next kick: readable data must not wake the worker.
         ctx.reregister(PIPE, Interest::PAUSED)?;
         self.paused = true;
+        // Counted once paused: a test that sees the count may write more, and must not
+        // race with this loop's next read.
+        self.seen.fetch_add(got, Ordering::AcqRel);
         Ok(())
     }
 }
