@@ -1135,6 +1135,7 @@ impl<'a, D: Device> Connection<'a, D> {
                 ),
                 drain_timeout: self.config.drain_timeout,
             };
+            let host = self.device.worker_thread(info.group);
             self.workers[w] = Some(WorkerHandle::spawn(
                 w,
                 name,
@@ -1143,6 +1144,7 @@ impl<'a, D: Device> Connection<'a, D> {
                 settings,
                 self.needs_reset.clone(),
                 self.alarm.clone(),
+                host.as_deref(),
             )?);
         }
         let (tx, rx) = mpsc::channel();

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::error::DeviceError;
 use super::inflight::{InflightRequest, Tracker};
 use super::notify_fd::NotifyFd;
+use super::shared_worker::WorkerThread;
 pub use super::worker::GroupContext;
 use crate::chain::DescriptorChain;
 use crate::desc::PackedDescriptor;
@@ -247,6 +248,17 @@ pub trait Device: Send + Sync + 'static {
     /// decides (`queue / queues_per_thread`). Called once per connection for each queue.
     fn queue_group(&self, queue: u16) -> Option<u16> {
         let _ = queue;
+        None
+    }
+
+    /// The thread that runs the worker of queue group `group`: `None` (the default)
+    /// gives the group a thread of its own; a shared [`WorkerThread`] runs it next to
+    /// the workers of other groups and other connections. A device whose queues hand
+    /// data to each other's (a switch whose ports are separate connections) keeps the
+    /// hand-off on one core that way, with no cross-thread wake-up. Called on the
+    /// connection thread when the group's first queue starts.
+    fn worker_thread(&self, group: u16) -> Option<Arc<WorkerThread>> {
+        let _ = group;
         None
     }
 

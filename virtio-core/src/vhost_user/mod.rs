@@ -95,6 +95,7 @@ mod message;
 mod notify_fd;
 mod poll;
 mod server;
+mod shared_worker;
 mod sigbus;
 mod worker;
 
@@ -110,6 +111,7 @@ pub use device::{
 };
 pub use error::{DeviceError, Error};
 pub use server::{FrontendSocket, Server, ServerConfig, ShutdownHandle};
+pub use shared_worker::WorkerThread;
 
 /// VHOST_USER_F_PROTOCOL_FEATURES: the virtio feature bit (30) vhost-user reuses to
 /// announce protocol feature negotiation. The server adds it to the device's features.

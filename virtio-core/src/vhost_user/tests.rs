@@ -49,6 +49,10 @@ struct TestDevice {
     held: Arc<AtomicUsize>,
     config: Mutex<[u8; 8]>,
     completions: Mutex<Vec<(u16, EventFd)>>,
+    /// Runs every worker of the device there (see `Device::worker_thread`).
+    shared: Option<Arc<WorkerThread>>,
+    /// The threads `process` ran on.
+    threads: Arc<Mutex<Vec<std::thread::ThreadId>>>,
 }
 
 impl TestDevice {
@@ -89,6 +93,7 @@ struct TestQueue {
     completion: EventFd,
     held_count: Arc<AtomicUsize>,
     started: Arc<AtomicUsize>,
+    threads: Arc<Mutex<Vec<std::thread::ThreadId>>>,
 }
 
 fn echo(chain: &DescriptorChain, vring: &mut Vring) -> Result<(), DeviceError> {
@@ -131,6 +136,13 @@ impl QueueHandler for TestQueue {
         ctx: &mut GroupContext<'_>,
         queue: u16,
     ) -> Result<Processed, DeviceError> {
+        {
+            let me = std::thread::current().id();
+            let mut t = self.threads.lock().unwrap();
+            if !t.contains(&me) {
+                t.push(me);
+            }
+        }
         let Some(vring) = ctx.vring(queue) else {
             return Ok(Processed::Empty);
         };
@@ -140,6 +152,9 @@ impl QueueHandler for TestQueue {
                 self.spare.push(chain);
                 return Ok(Processed::Empty);
             }
+            let mut head = [0u8; 5];
+            let _ = chain.reader().read(&mut head)?;
+            assert_ne!(&head, b"PANIC", "the test asked this handler to panic");
             if self.hold {
                 self.held.push((queue, chain));
                 self.held_count.fetch_add(1, Ordering::AcqRel);
@@ -229,7 +244,12 @@ impl Device for TestDevice {
             completion,
             held_count: self.held.clone(),
             started: self.started.clone(),
+            threads: self.threads.clone(),
         })
+    }
+
+    fn worker_thread(&self, _group: u16) -> Option<Arc<WorkerThread>> {
+        self.shared.clone()
     }
 
     fn reset(&self) {
@@ -558,6 +578,120 @@ fn busy_polling_and_grouped_workers() {
     };
     echo_test(RingLayout::Split, config.clone());
     echo_test(RingLayout::Packed, config);
+}
+
+/// A device whose workers all run on `thread`.
+fn shared_device(thread: &Arc<WorkerThread>) -> Arc<TestDevice> {
+    Arc::new(TestDevice {
+        config: Mutex::new(*b"vhostcfg"),
+        shared: Some(thread.clone()),
+        ..Default::default()
+    })
+}
+
+fn wait_for_workers(thread: &WorkerThread, n: usize) {
+    let start = Instant::now();
+    while thread.workers() != n {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "{} hosted workers, expected {n}",
+            thread.workers()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn workers_of_two_connections_run_on_one_shared_thread() {
+    let thread = WorkerThread::new("test-shared").unwrap();
+    let devices = [shared_device(&thread), shared_device(&thread)];
+    let mem = [default_mem(), default_mem()];
+    for round in 0..2 {
+        let mut conns: Vec<_> = devices
+            .iter()
+            .zip(&mem)
+            .map(|(d, m)| {
+                let (mut fe, _n, t) = spawn_server(d.clone(), ServerConfig::default());
+                let layout = if round == 0 {
+                    RingLayout::Split
+                } else {
+                    RingLayout::Packed
+                };
+                negotiate(&mut fe, if round == 0 { 0 } else { RING_PACKED }, m);
+                let rings: Vec<TestRing> = (0..2).map(|i| TestRing::new(i, layout, m)).collect();
+                for r in &rings {
+                    r.setup(&mut fe, m);
+                }
+                (fe, t, rings)
+            })
+            .collect();
+        // Both connections, both queues, interleaved.
+        for n in 0..(u32::from(QSIZE) * 2) {
+            for ((_, _, rings), m) in conns.iter_mut().zip(&mem) {
+                for r in rings.iter_mut() {
+                    let data = format!("round {round} chain {n} queue {}", r.index).into_bytes();
+                    let at = r.next_buf;
+                    let id = r.send(m, &data);
+                    r.receive(m, id, &data, at);
+                    if r.next_buf > 0x80000 + 0x10000 * u64::from(r.index) + 0x8000 {
+                        r.next_buf = 0x80000 + 0x10000 * u64::from(r.index);
+                    }
+                }
+            }
+        }
+        // One worker per queue (the default grouping), all four on the shared thread.
+        assert_eq!(thread.workers(), 4);
+        for (fe, t, _) in conns.drain(..) {
+            drop(fe);
+            t.join().unwrap().unwrap();
+        }
+        // Stopped workers leave the thread; it stays for the next connections.
+        wait_for_workers(&thread, 0);
+    }
+    let threads: Vec<_> = devices
+        .iter()
+        .flat_map(|d| d.threads.lock().unwrap().clone())
+        .collect();
+    assert!(!threads.is_empty());
+    assert!(
+        threads.iter().all(|t| *t == threads[0]),
+        "handlers ran on {threads:?}"
+    );
+    assert_ne!(threads[0], std::thread::current().id());
+}
+
+#[test]
+fn a_panicking_hosted_handler_stops_only_its_own_worker() {
+    let thread = WorkerThread::new("test-shared-panic").unwrap();
+    let (a, b) = (shared_device(&thread), shared_device(&thread));
+    let (mem_a, mem_b) = (default_mem(), default_mem());
+    let (mut fe_a, _na, ta) = spawn_server(a, ServerConfig::default());
+    let (mut fe_b, _nb, tb) = spawn_server(b, ServerConfig::default());
+    negotiate(&mut fe_a, 0, &mem_a);
+    negotiate(&mut fe_b, 0, &mem_b);
+    let mut ring_a = TestRing::new(0, RingLayout::Split, &mem_a);
+    let mut ring_b = TestRing::new(0, RingLayout::Split, &mem_b);
+    ring_a.setup(&mut fe_a, &mem_a);
+    ring_b.setup(&mut fe_b, &mem_b);
+    let at = ring_b.next_buf;
+    let id = ring_b.send(&mem_b, b"before");
+    ring_b.receive(&mem_b, id, b"before", at);
+    wait_for_workers(&thread, 2);
+    ring_a.send(&mem_a, b"PANIC");
+    // A's worker is gone; B's goes on, on the same thread.
+    wait_for_workers(&thread, 1);
+    for n in 0..u32::from(QSIZE) {
+        let data = format!("after {n}").into_bytes();
+        let at = ring_b.next_buf;
+        let id = ring_b.send(&mem_b, &data);
+        ring_b.receive(&mem_b, id, &data, at);
+    }
+    // A's connection still ends cleanly when its frontend goes.
+    drop(fe_a);
+    let _ = ta.join().unwrap();
+    drop(fe_b);
+    tb.join().unwrap().unwrap();
+    wait_for_workers(&thread, 0);
 }
 
 #[test]

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Queue worker threads: each serves a group of queues (one [`QueueHandler`]) with its own
-//! epoll set over the queues' kick eventfds, the handler's event sources and a command
-//! eventfd.
+//! Queue workers: each serves a group of queues (one [`QueueHandler`]) with its own epoll
+//! set over the queues' kick eventfds, the handler's event sources and a command eventfd.
+//! A worker runs on a thread of its own, or on a [`WorkerThread`] shared with other
+//! workers (of other groups or other connections), which runs a round of each worker
+//! whose epoll set is ready.
 //!
 //! The hot path (kick → pop → process → add_used → signal) touches only state owned by
 //! the worker: no lock, no allocation. The connection thread talks to a worker through a
@@ -22,6 +24,7 @@ use super::device::{Events, Interest, Processed, QueueContext, QueueHandler, Vri
 use super::error::{DeviceError, Error, Result};
 use super::notify_fd::{Drained, NotifyFd};
 use super::poll::{PollPolicy, Poller};
+use super::shared_worker::{HostedWorker, WorkerThread};
 use super::sigbus;
 use crate::memory::GuestMemoryView;
 
@@ -81,7 +84,8 @@ pub(crate) struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Starts worker `id` serving `group_size` queue slots with `handler`.
+    /// Starts worker `id` serving `group_size` queue slots with `handler`: on a thread of
+    /// its own, or, with `host`, on that shared thread next to other workers.
     #[allow(clippy::too_many_arguments)]
     pub fn spawn<H: QueueHandler>(
         id: usize,
@@ -91,6 +95,7 @@ impl WorkerHandle {
         settings: WorkerSettings,
         needs_reset: Arc<AtomicBool>,
         alarm: Arc<EventFd>,
+        host: Option<&WorkerThread>,
     ) -> Result<Self> {
         let os = |what| move |source| Error::Os { what, source };
         let wake =
@@ -129,18 +134,31 @@ impl WorkerHandle {
             exiting: false,
         };
         let (done_tx, done) = mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                let _done = done_tx;
-                worker.run();
-            })
-            .map_err(os("spawning a queue worker thread"))?;
+        let thread = match host {
+            None => Some(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || {
+                        let _done = done_tx;
+                        worker.run();
+                    })
+                    .map_err(os("spawning a queue worker thread"))?,
+            ),
+            Some(host) => {
+                host.adopt(Box::new(Hosted {
+                    worker,
+                    name,
+                    events: vec![epoll::Event::new(epoll::Events::empty(), 0); 64],
+                    _done: done_tx,
+                }))?;
+                None
+            }
+        };
         Ok(WorkerHandle {
             id,
             tx,
             wake,
-            thread: Some(thread),
+            thread,
             done,
         })
     }
@@ -485,40 +503,86 @@ fn signal_all(slots: &mut [Option<Slot>]) {
     }
 }
 
+/// A worker run by a [`WorkerThread`] rather than a thread of its own.
+struct Hosted<H> {
+    worker: Worker<H>,
+    name: String,
+    events: Vec<epoll::Event>,
+    /// Dropped with the worker: tells [`WorkerHandle::join`] it is gone.
+    _done: Sender<()>,
+}
+
+impl<H: QueueHandler> HostedWorker for Hosted<H> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn epoll_fd(&self) -> RawFd {
+        self.worker.epoll.as_raw_fd()
+    }
+
+    fn timeout_ms(&self) -> i32 {
+        self.worker.timeout_ms()
+    }
+
+    fn step(&mut self) -> bool {
+        // The shared thread waited on this worker's epoll set (or a deadline of it
+        // passed): take what is ready without waiting again.
+        self.worker.step(0, &mut self.events)
+    }
+
+    fn finish(&mut self) {
+        self.worker.finish();
+    }
+}
+
 impl<H: QueueHandler> Worker<H> {
     fn run(mut self) {
         let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 64];
         loop {
             let timeout = self.timeout_ms();
-            let n = match epoll::wait(self.epoll.as_raw_fd(), timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::error!(
-                        "queue worker {}: epoll_wait failed: {e}; stopping its queues",
-                        self.id
-                    );
-                    self.begin_exit();
-                    std::thread::sleep(Duration::from_millis(10));
-                    0
-                }
-            };
-            for ev in &events[..n] {
-                let (data, flags) = (ev.data, ev.events);
-                self.dispatch(data, flags);
-            }
-            self.run_queues();
-            // One atomic load per round; a closer look only after a SIGBUS somewhere.
-            let epoch = sigbus::epoch();
-            if epoch != self.seen_epoch {
-                self.seen_epoch = epoch;
-                self.check_poisoned_memory();
-            }
-            self.finish_stopping();
-            if self.exiting && self.slots.iter().all(Option::is_none) {
+            if self.step(timeout, &mut events) {
                 break;
             }
         }
+        self.finish();
+    }
+
+    /// One round: waits up to `timeout` ms for events, handles them, runs the due
+    /// queues and advances stopping ones. Returns true when the worker is done (asked to
+    /// exit and every queue stopped); [`Self::finish`] comes next.
+    fn step(&mut self, timeout: i32, events: &mut [epoll::Event]) -> bool {
+        let n = match epoll::wait(self.epoll.as_raw_fd(), timeout, events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return false,
+            Err(e) => {
+                log::error!(
+                    "queue worker {}: epoll_wait failed: {e}; stopping its queues",
+                    self.id
+                );
+                self.begin_exit();
+                // Bounded: the stopping queues' drain deadline ends the worker.
+                std::thread::sleep(Duration::from_millis(10));
+                0
+            }
+        };
+        for ev in events.iter().take(n) {
+            let (data, flags) = (ev.data, ev.events);
+            self.dispatch(data, flags);
+        }
+        self.run_queues();
+        // One atomic load per round; a closer look only after a SIGBUS somewhere.
+        let epoch = sigbus::epoch();
+        if epoch != self.seen_epoch {
+            self.seen_epoch = epoch;
+            self.check_poisoned_memory();
+        }
+        self.finish_stopping();
+        self.exiting && self.slots.iter().all(Option::is_none)
+    }
+
+    /// Releases the handler once the worker is done.
+    fn finish(&mut self) {
         // The handler's sources leave the epoll set before the handler (and its fds)
         // goes.
         self.registry.clear();
