@@ -11,7 +11,9 @@
 //!
 //! Switch mode (`--switch SOCKET`, two or more, no `--tap`): one server thread per socket,
 //! each connection a port of one learning switch ([`vhost_user_net::switch_port`]); the
-//! per-port counters are logged when the daemon stops.
+//! ports' queues run on `--switch-threads` shared worker threads (default 1, so frames
+//! go from port to port on one core; 0: a worker thread per port); the per-port counters
+//! are logged when the daemon stops.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -26,7 +28,7 @@ use vhost_user_net::switch::SwitchConfig;
 use vhost_user_net::switch_port::{SwitchHub, SwitchPortDevice};
 use vhost_user_net::tap::MAX_TAP_QUEUES;
 use vhost_user_net::{NetDevice, NetOptions};
-use virtio_core::vhost_user::{BackendArgs, Capabilities, Server, ServerConfig};
+use virtio_core::vhost_user::{BackendArgs, Capabilities, Server, ServerConfig, WorkerThread};
 
 /// Shown at the end of `--help`: command lines to copy.
 const AFTER_HELP: &str = "\
@@ -101,6 +103,11 @@ struct Options {
     /// most this many microseconds. 0 disables polling.
     #[arg(long, default_value_t = 50)]
     adaptive_poll_max_us: u64,
+    /// Switch mode: threads that serve the ports' queues, port N on thread N modulo
+    /// this; 0 gives each port a thread of its own. Ports on one thread forward to each
+    /// other without a cross-core hand-off.
+    #[arg(long, default_value_t = 1)]
+    switch_threads: usize,
 }
 
 fn parse_mac(s: &str) -> Result<MacAddr, String> {
@@ -192,15 +199,20 @@ fn run_switch(options: &Options) -> Result<(), String> {
     // Before any socket exists: a supervisor that sees the socket may signal at once.
     let mut signals =
         Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("installing signal handlers: {e}"))?;
+    let workers = (0..options.switch_threads.min(options.switch.len()))
+        .map(|i| WorkerThread::new(&format!("vusw-worker{i}")).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, String>>()?;
     let mut servers = Vec::with_capacity(options.switch.len());
     for (port, path) in options.switch.iter().enumerate() {
         let seed = path.display().to_string();
         let mac = MacAddr::from_seed(seed.as_bytes());
-        let device = Arc::new(
-            SwitchPortDevice::new(Arc::clone(&hub), port, mac, options.queue_size)
-                .map_err(|e| e.to_string())?
-                .with_rx_poll(std::time::Duration::from_micros(options.poll_us)),
-        );
+        let mut device = SwitchPortDevice::new(Arc::clone(&hub), port, mac, options.queue_size)
+            .map_err(|e| e.to_string())?
+            .with_rx_poll(std::time::Duration::from_micros(options.poll_us));
+        if let Some(w) = workers.get(port % workers.len().max(1)) {
+            device = device.with_worker_thread(Arc::clone(w));
+        }
+        let device = Arc::new(device);
         let config = ServerConfig {
             poll_us: options.poll_us,
             adaptive_poll_max_us: options.adaptive_poll_max_us,

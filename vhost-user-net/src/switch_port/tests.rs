@@ -222,10 +222,18 @@ impl Guest {
 
 type ServerThread = std::thread::JoinHandle<Result<(), virtio_core::vhost_user::Error>>;
 
-fn start(hub: &Arc<SwitchHub>, port: usize) -> (UnixStream, ServerThread) {
-    let device = Arc::new(
-        SwitchPortDevice::new(Arc::clone(hub), port, MacAddr(mac(0x40 + port as u8)), 256).unwrap(),
-    );
+/// Port `port` of `hub`, its queues on `shared` if given, else on threads of its own.
+fn start(
+    hub: &Arc<SwitchHub>,
+    port: usize,
+    shared: Option<&Arc<WorkerThread>>,
+) -> (UnixStream, ServerThread) {
+    let mut device =
+        SwitchPortDevice::new(Arc::clone(hub), port, MacAddr(mac(0x40 + port as u8)), 256).unwrap();
+    if let Some(t) = shared {
+        device = device.with_worker_thread(Arc::clone(t));
+    }
+    let device = Arc::new(device);
     let (a, b) = UnixStream::pair().unwrap();
     let mut server = Server::new(
         FrontendSocket::Connected(b),
@@ -244,12 +252,12 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn case(layout: RingLayout, mrg_rxbuf: bool) {
+fn case(layout: RingLayout, mrg_rxbuf: bool, shared: Option<&Arc<WorkerThread>>) {
     let hub = SwitchHub::new(3, SwitchConfig::default(), 1500).unwrap();
     let mut guests = Vec::new();
     let mut servers = Vec::new();
     for port in 0..3 {
-        let (stream, server) = start(&hub, port);
+        let (stream, server) = start(&hub, port, shared);
         let mut g = Guest::connect(stream, layout, mrg_rxbuf);
         g.post_rx(16);
         guests.push(g);
@@ -319,12 +327,22 @@ fn case(layout: RingLayout, mrg_rxbuf: bool) {
 
 #[test]
 fn switch_forwarding_split() {
-    case(RingLayout::Split, false);
+    case(RingLayout::Split, false, None);
 }
 
 #[test]
 fn switch_forwarding_packed_mrg_rxbuf() {
-    case(RingLayout::Packed, true);
+    case(RingLayout::Packed, true, None);
+}
+
+#[test]
+fn switch_forwarding_with_every_port_on_one_shared_thread() {
+    let thread = WorkerThread::new("test-switch").unwrap();
+    case(RingLayout::Split, false, Some(&thread));
+    case(RingLayout::Packed, true, Some(&thread));
+    wait_for("the ports' workers to leave the shared thread", || {
+        thread.workers() == 0
+    });
 }
 
 #[test]
@@ -404,12 +422,15 @@ fn frame_queue_many_producers() {
 
 /// Two connected ports on a hub whose queues hold `slots` frames; A (port 0) is learned
 /// by B (port 1) and B by A, so frames between them are unicast.
-fn two_ports(slots: usize) -> (Arc<SwitchHub>, Vec<Guest>, Vec<ServerThread>) {
+fn two_ports(
+    slots: usize,
+    shared: Option<&Arc<WorkerThread>>,
+) -> (Arc<SwitchHub>, Vec<Guest>, Vec<ServerThread>) {
     let hub = SwitchHub::with_queue_slots(2, SwitchConfig::default(), 1500, slots).unwrap();
     let mut guests = Vec::new();
     let mut servers = Vec::new();
     for port in 0..2 {
-        let (stream, server) = start(&hub, port);
+        let (stream, server) = start(&hub, port, shared);
         guests.push(Guest::connect(stream, RingLayout::Split, false));
         servers.push(server);
     }
@@ -429,9 +450,20 @@ fn two_ports(slots: usize) -> (Arc<SwitchHub>, Vec<Guest>, Vec<ServerThread>) {
 
 #[test]
 fn unicast_to_a_full_queue_waits_for_space_instead_of_dropping() {
+    unicast_to_a_full_queue_waits(None);
+}
+
+#[test]
+fn a_sender_waits_for_a_receiver_on_the_same_shared_thread() {
+    // The waiting sender must give the thread back to the receiver's worker.
+    let thread = WorkerThread::new("test-switch-wait").unwrap();
+    unicast_to_a_full_queue_waits(Some(&thread));
+}
+
+fn unicast_to_a_full_queue_waits(shared: Option<&Arc<WorkerThread>>) {
     // 48 frames in one burst into a queue of 4 slots whose receiver has buffers: the
     // sender outruns the receiver's worker and must wait for it, frame by frame.
-    let (hub, mut guests, servers) = two_ports(4);
+    let (hub, mut guests, servers) = two_ports(4, shared);
     guests[1].rx_addrs.clear();
     guests[1].post_rx(60);
     let frames: Vec<Vec<u8>> = (1..=48).map(|t| frame(mac(2), mac(1), t)).collect();
@@ -452,7 +484,7 @@ fn unicast_to_a_full_queue_waits_for_space_instead_of_dropping() {
 fn unicast_to_a_receiver_without_buffers_is_dropped_and_the_sender_goes_on() {
     // B posts no receive buffers: its queue fills (4 frames) and the rest is dropped and
     // counted; A gets every transmit chain back (it does not wait for a stalled port).
-    let (hub, mut guests, servers) = two_ports(4);
+    let (hub, mut guests, servers) = two_ports(4, None);
     let frames: Vec<Vec<u8>> = (1..=20).map(|t| frame(mac(2), mac(1), t)).collect();
     guests[0].send_burst(&frames);
     let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
