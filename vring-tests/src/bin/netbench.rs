@@ -12,7 +12,11 @@
 //! ```
 //!
 //! On a 2-core host the two busy-polling frontends and the backend share the CPUs: the
-//! numbers compare backends under the same contention, not their peak rates.
+//! numbers compare backends under the same contention, not their peak rates. Placement
+//! is the same for both backends: the sending frontend runs on CPU 0, the receiving one
+//! on CPU 1, DPDK's backend on lcore 0 (CPU 0) and our daemon, by default, on CPU 0 too
+//! (`taskset -c 0`; `--ours-cpus ""` lets the scheduler place it). Rows per
+//! `--poll-us` and `--switch-threads` value.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -46,20 +50,36 @@ struct Args {
     /// Our daemon's `--poll-us` values, one row each (0: event-driven workers).
     #[arg(long, value_delimiter = ',', default_value = "0,100")]
     poll_us: Vec<u64>,
+    /// Our daemon's `--switch-threads` values, one row each with every `--poll-us` (1:
+    /// both ports on one thread; 0: a thread per port).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    switch_threads: Vec<usize>,
+    /// CPUs our daemon runs on (`taskset -c`), as DPDK's backend runs on lcore 0 next to
+    /// the sending frontend; empty: wherever the scheduler puts it.
+    #[arg(long, default_value = "0")]
+    ours_cpus: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Backend {
-    /// Our daemon with this `--poll-us`.
-    Ours(u64),
+    /// Our daemon with this `--poll-us` and `--switch-threads`.
+    Ours {
+        poll_us: u64,
+        threads: usize,
+    },
     Dpdk,
 }
 
 impl Backend {
     fn name(self) -> String {
         match self {
-            Backend::Ours(0) => "vhost-user-net --switch".into(),
-            Backend::Ours(us) => format!("vhost-user-net --switch --poll-us {us}"),
+            Backend::Ours { poll_us, threads } => {
+                let mut n = format!("vhost-user-net --switch --switch-threads {threads}");
+                if poll_us > 0 {
+                    n.push_str(&format!(" --poll-us {poll_us}"));
+                }
+                n
+            }
             Backend::Dpdk => "DPDK vhost PMD (testpmd io)".into(),
         }
     }
@@ -93,16 +113,23 @@ impl Running {
     }
 }
 
-fn start_backend(b: Backend, s0: &Path, s1: &Path) -> Result<Running, String> {
+fn start_backend(b: Backend, s0: &Path, s1: &Path, cpus: &str) -> Result<Running, String> {
     match b {
-        Backend::Ours(poll_us) => {
-            let mut cmd = Command::new(daemon_binary());
+        Backend::Ours { poll_us, threads } => {
+            let mut cmd = if cpus.is_empty() {
+                Command::new(daemon_binary())
+            } else {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus]).arg(daemon_binary());
+                c
+            };
             cmd.arg("--switch")
                 .arg(s0)
                 .arg("--switch")
                 .arg(s1)
                 .args(["--queue-size", &RING.to_string()])
                 .args(["--poll-us", &poll_us.to_string()])
+                .args(["--switch-threads", &threads.to_string()])
                 .env("RUST_LOG", if show_log() { "info" } else { "warn" });
             let mut p =
                 BackgroundProcess::spawn("vhost-user-net", cmd).map_err(|e| e.to_string())?;
@@ -151,11 +178,11 @@ fn frontend(
 }
 
 /// One run: (packets received by frontend 2 in the window, seconds, backend CPU seconds).
-fn run(b: Backend, size: u32, seconds: f64) -> Result<(u64, f64, f64), String> {
+fn run(b: Backend, size: u32, seconds: f64, cpus: &str) -> Result<(u64, f64, f64), String> {
     let tmp = TempDir::new("netbench").map_err(|e| e.to_string())?;
     let s0 = tmp.path().join("s0.sock");
     let s1 = tmp.path().join("s1.sock");
-    let backend = start_backend(b, &s0, &s1)?;
+    let backend = start_backend(b, &s0, &s1, cpus)?;
     let mut fe1 = frontend(1, &s0, MAC1, 0, size)?;
     let mut fe2 = frontend(2, &s1, MAC2, 1, size)?;
     let e = |e: vring_tests::e2e::E2eError| e.to_string();
@@ -194,7 +221,15 @@ fn run(b: Backend, size: u32, seconds: f64) -> Result<(u64, f64, f64), String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let mut backends: Vec<Backend> = args.poll_us.iter().map(|&us| Backend::Ours(us)).collect();
+    let mut backends: Vec<Backend> = args
+        .switch_threads
+        .iter()
+        .flat_map(|&threads| {
+            args.poll_us
+                .iter()
+                .map(move |&poll_us| Backend::Ours { poll_us, threads })
+        })
+        .collect();
     backends.push(Backend::Dpdk);
     // results[size][backend] = (Mpps, pkts per CPU-second) per rep
     let mut rows = Vec::new();
@@ -202,7 +237,7 @@ fn main() -> ExitCode {
         let mut per: Vec<Vec<(f64, f64)>> = vec![Vec::new(); backends.len()];
         for rep in 0..args.reps {
             for (i, &b) in backends.iter().enumerate() {
-                match run(b, size, args.seconds) {
+                match run(b, size, args.seconds, &args.ours_cpus) {
                     Ok((pkts, dt, cpu)) => {
                         let mpps = pkts as f64 / dt / 1e6;
                         let per_cpu = if cpu > 0.0 { pkts as f64 / cpu } else { 0.0 };
@@ -256,7 +291,7 @@ fn main() -> ExitCode {
                 }
             };
             let (rm, rc) = match (b, dpdk) {
-                (Backend::Ours(_), Some((dm, dc))) => (ratio(m, dm), ratio(c, dc)),
+                (Backend::Ours { .. }, Some((dm, dc))) => (ratio(m, dm), ratio(c, dc)),
                 _ => ("–".into(), "–".into()),
             };
             println!(
