@@ -22,6 +22,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
@@ -43,6 +44,8 @@ pub(crate) trait HostedWorker: Send {
 
 /// The epoll token of the thread's own wake-up eventfd; worker `i` has token `i + 1`.
 const TOKEN_WAKE: u64 = 0;
+/// A round of one worker longer than this is logged: the thread's other workers waited.
+const SLOW_ROUND: Duration = Duration::from_millis(100);
 
 /// A thread shared by the queue workers of several queue groups (see the module
 /// documentation). Created by a daemon and handed to its devices, which return it from
@@ -178,7 +181,7 @@ impl Host {
                     // Run every worker: each one's own epoll_wait reports what is ready,
                     // and the sleep bounds the loop until the error clears.
                     log::error!("shared worker thread {}: epoll_wait failed: {e}", self.name);
-                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    std::thread::sleep(Duration::from_millis(10));
                     ready.clear();
                     ready.resize(self.workers.len(), true);
                     self.run_workers(&ready);
@@ -249,7 +252,18 @@ impl Host {
             if !ready.get(i).copied().unwrap_or(false) && w.timeout_ms() != 0 {
                 continue;
             }
-            match catch_unwind(AssertUnwindSafe(|| w.step())) {
+            let started = Instant::now();
+            let r = catch_unwind(AssertUnwindSafe(|| w.step()));
+            let took = started.elapsed();
+            if took > SLOW_ROUND {
+                // The other workers of the thread waited that long: say who held it.
+                log::warn!(
+                    "queue worker {} held shared thread {} for {took:?}",
+                    w.name(),
+                    self.name
+                );
+            }
+            match r {
                 Ok(false) => {}
                 Ok(true) => {
                     if catch_unwind(AssertUnwindSafe(|| w.finish())).is_err() {
