@@ -661,6 +661,36 @@ fn workers_of_two_connections_run_on_one_shared_thread() {
 }
 
 #[test]
+fn a_worker_whose_handle_is_dropped_without_join_stops_by_itself() {
+    let thread = WorkerThread::new("test-shared-orphan").unwrap();
+    let device = TestDevice::new(false);
+    let handler = device
+        .start_group(&GroupInfo {
+            group: 0,
+            queues: vec![0],
+            features: 0,
+        })
+        .unwrap();
+    let handle = super::worker::WorkerHandle::spawn(
+        0,
+        "orphan".into(),
+        1,
+        handler,
+        super::worker::WorkerSettings {
+            poll: super::poll::PollPolicy::Off,
+            drain_timeout: Duration::from_secs(1),
+        },
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+        Some(&thread),
+    )
+    .unwrap();
+    wait_for_workers(&thread, 1);
+    drop(handle);
+    wait_for_workers(&thread, 0);
+}
+
+#[test]
 fn a_panicking_hosted_handler_stops_only_its_own_worker() {
     let thread = WorkerThread::new("test-shared-panic").unwrap();
     let (a, b) = (shared_device(&thread), shared_device(&thread));

@@ -199,6 +199,14 @@ impl WorkerHandle {
     }
 }
 
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        // Wakes the worker to see its channel closed (after `join`, it is gone already
+        // and this does nothing).
+        let _ = self.wake.write(1);
+    }
+}
+
 const TOKEN_COMMAND: u64 = 0;
 const KIND_KICK: u64 = 1;
 /// A handler's event source; the token is in the low 32 bits.
@@ -615,8 +623,25 @@ impl<H: QueueHandler> Worker<H> {
     fn dispatch(&mut self, data: u64, events: u32) {
         if data == TOKEN_COMMAND {
             let _ = self.wake.read();
-            while let Ok(cmd) = self.rx.try_recv() {
-                self.command(cmd);
+            loop {
+                match self.rx.try_recv() {
+                    Ok(cmd) => self.command(cmd),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        // The connection dropped its handle without `join`: nobody can
+                        // stop this worker any more, so it stops by itself (bounded by
+                        // the drain timeout) rather than live on, on its thread or on a
+                        // shared one.
+                        if !self.exiting {
+                            log::warn!(
+                                "queue worker {}: its connection is gone; stopping",
+                                self.id
+                            );
+                            self.begin_exit();
+                        }
+                        break;
+                    }
+                }
             }
             return;
         }
