@@ -13,10 +13,10 @@
 //!
 //! On a 2-core host the two busy-polling frontends and the backend share the CPUs: the
 //! numbers compare backends under the same contention, not their peak rates. Placement
-//! is the same for both backends: the sending frontend runs on CPU 0, the receiving one
-//! on CPU 1, DPDK's backend on lcore 0 (CPU 0) and our daemon, by default, on CPU 0 too
-//! (`taskset -c 0`; `--ours-cpus ""` lets the scheduler place it). Rows per
-//! `--poll-us` and `--switch-threads` value.
+//! of the frontends is fixed: the sending one runs on CPU 0, the receiving one on CPU 1;
+//! DPDK's backend runs on lcore 0 (CPU 0, where DPDK pins it); our daemon runs wherever
+//! the scheduler puts it, or with `--ours-cpus 0` (`taskset -c 0`) on CPU 0 as DPDK's
+//! backend does. Rows per `--poll-us` and `--switch-threads` value.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -54,9 +54,10 @@ struct Args {
     /// both ports on one thread; 0: a thread per port).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     switch_threads: Vec<usize>,
-    /// CPUs our daemon runs on (`taskset -c`), as DPDK's backend runs on lcore 0 next to
-    /// the sending frontend; empty: wherever the scheduler puts it.
-    #[arg(long, default_value = "0")]
+    /// CPUs our daemon runs on (`taskset -c`; `0`: where DPDK's backend runs, next to
+    /// the sending frontend); empty (the default): wherever the scheduler puts it, as an
+    /// operator would run it.
+    #[arg(long, default_value = "")]
     ours_cpus: String,
 }
 
