@@ -348,7 +348,7 @@ fn print_diag(b: Backend, dir: Direction, t: &Transfer, d: &Diag, log: &str, tes
     eprintln!(
         "diag {}, {}: per MiB: guest irq input={} output={}; TAP to guest {:.1} frames \
          (avg {} B, {} dropped), from guest {:.1} frames (avg {} B, {} dropped); \
-         TCP retransmits {}\n  QEMU: {}\n  daemon: {}",
+         TCP retransmits {} (whole transfer)\n  QEMU: {}\n  daemon: {}",
         b.name(),
         dir.name(),
         fmt_opt(irq("input").map(per), 1),
