@@ -411,7 +411,7 @@ fn used_frame(rx: &mut Ring, mem: &GuestMem, posted: &[(u16, u64)], chains: usiz
 /// largest frame, frames go through the bounce buffer; once they can, frames are read
 /// straight into them, spanning chains in order with `num_buffers` set (§5.1.6.4), and
 /// the chains a frame does not need are held for the next one.
-fn direct_rx_case(layout: RingLayout) {
+fn direct_rx_case(layout: RingLayout, mrg_rxbuf: bool) {
     let tap = Tap::open("vut2", 1).unwrap();
     let device = Arc::new(
         NetDevice::with_tap(
@@ -443,12 +443,14 @@ fn direct_rx_case(layout: RingLayout) {
         | bit(VIRTIO_NET_F_CTRL_VQ)
         | bit(VIRTIO_NET_F_CTRL_RX)
         | bit(VIRTIO_NET_F_CTRL_RX_EXTRA)
-        | bit(VIRTIO_NET_F_MRG_RXBUF)
         | bit(VIRTIO_NET_F_GUEST_CSUM)
         | bit(VIRTIO_NET_F_GUEST_TSO4)
         | virtio_core::vhost_user::VHOST_USER_F_PROTOCOL_FEATURES;
     if layout == RingLayout::Packed {
         want |= RING_PACKED;
+    }
+    if mrg_rxbuf {
+        want |= bit(VIRTIO_NET_F_MRG_RXBUF);
     }
     assert_eq!(offered & want, want, "offered {offered:#x}");
     fe.set_features(want).unwrap();
@@ -495,6 +497,48 @@ fn direct_rx_case(layout: RingLayout) {
         assert_eq!(&got[12..], f, "the frame behind its vnet header");
     };
 
+    if !mrg_rxbuf {
+        // A Linux guest's "big packet" chain: the header, then pages (§5.1.6.3.1: one
+        // chain per frame). It takes the largest frame, so the frame is read into it.
+        let at = 0x20_0000u64;
+        let mut bufs = vec![DriverBuffer {
+            addr: at,
+            len: 12,
+            writable: true,
+        }];
+        bufs.extend((0..17u64).map(|k| DriverBuffer {
+            addr: at + 0x1000 * (k + 1),
+            len: 0x1000,
+            writable: true,
+        }));
+        let id = rx.add(&mem, &bufs);
+        let a = frame(0x10, 1400);
+        send(&sock, &a);
+        let (got_id, len) = rx.used(&mem);
+        assert_eq!((got_id, len as usize), (id, 12 + a.len()));
+        let mut got = vec![0u8; 12 + a.len()];
+        mem.mem
+            .read_slice(&mut got[..12], GuestAddress(at))
+            .unwrap();
+        mem.mem
+            .read_slice(&mut got[12..], GuestAddress(at + 0x1000))
+            .unwrap();
+        check(&got, 1, &a);
+        // A 2 KiB chain cannot take the largest frame: a frame that fits goes through the
+        // bounce buffer into it.
+        let (id, addr) = post(&mut rx, 2048);
+        let b = frame(0x20, 100);
+        send(&sock, &b);
+        assert_eq!(rx.used(&mem), (id, (12 + b.len()) as u32));
+        let mut got = vec![0u8; 12 + b.len()];
+        mem.mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
+        check(&got, 1, &b);
+        assert_eq!(device.metrics(0).unwrap().snapshot().rx_packets, 2);
+        finish(fe, sock, server);
+        let _ = (&mut ctrl, &mut tx);
+        return;
+    }
+
     // 1536 bytes of buffers: less than the largest frame, so through the bounce buffer.
     let small: Vec<_> = (0..3).map(|_| post(&mut rx, 512)).collect();
     let a = frame(0x10, 1200);
@@ -523,7 +567,12 @@ fn direct_rx_case(layout: RingLayout) {
     // The kernel's own IPv6 multicast (sent as the link comes up) is filtered too.
     assert!(m.drop_filtered >= 1, "{m}");
     assert_eq!(m.rx_packets, 4, "{m}");
+    finish(fe, sock, server);
+    let _ = (&mut ctrl, &mut tx);
+}
 
+/// Disconnects and waits for the server to end cleanly.
+fn finish<T>(fe: Frontend, sock: std::os::fd::OwnedFd, server: std::thread::JoinHandle<T>) {
     drop(fe);
     drop(sock);
     let start = Instant::now();
@@ -535,17 +584,26 @@ fn direct_rx_case(layout: RingLayout) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let _ = server.join().unwrap();
-    let _ = (&mut ctrl, &mut tx);
 }
 
 #[test]
 fn rx_with_gso_reads_frames_straight_into_held_chains_split() {
-    in_netns(|| direct_rx_case(RingLayout::Split));
+    in_netns(|| direct_rx_case(RingLayout::Split, true));
 }
 
 #[test]
 fn rx_with_gso_reads_frames_straight_into_held_chains_packed() {
-    in_netns(|| direct_rx_case(RingLayout::Packed));
+    in_netns(|| direct_rx_case(RingLayout::Packed, true));
+}
+
+#[test]
+fn rx_with_gso_without_mrg_rxbuf_reads_a_frame_into_one_big_chain_split() {
+    in_netns(|| direct_rx_case(RingLayout::Split, false));
+}
+
+#[test]
+fn rx_with_gso_without_mrg_rxbuf_reads_a_frame_into_one_big_chain_packed() {
+    in_netns(|| direct_rx_case(RingLayout::Packed, false));
 }
 
 /// Two queue pairs with CTRL_VQ and MQ: the control queue (index 4, §5.1.2) is served by
