@@ -75,6 +75,10 @@ pub struct NetQueues {
     rx_paused: bool,
     /// The TAP refused a transmitted frame with EAGAIN; waiting for writability.
     tx_blocked: bool,
+    /// The last read of the TAP found it empty (EAGAIN), and no receive ran since: with
+    /// edge-triggered readiness its next frame raises an event, so nothing waits to be
+    /// read until then.
+    rx_drained: bool,
     /// The receive buffer and the length of the frame pending in it (0: none).
     buf: Box<[u8]>,
     pending: usize,
@@ -186,6 +190,7 @@ impl NetQueues {
             interest: Interest::PAUSED,
             rx_paused: false,
             tx_blocked: false,
+            rx_drained: false,
             buf: vec![0u8; RX_BUF_LEN].into_boxed_slice(),
             pending: 0,
             rx_chains,
@@ -260,6 +265,7 @@ impl NetQueues {
         let Some(rx) = self.rx else {
             return Ok(());
         };
+        self.rx_drained = false;
         let delivered = self.receive_frames(ctx, rx);
         // Whatever stopped the loop, the frames delivered so far are published.
         let flushed = self.flush_rx(ctx, rx);
@@ -284,7 +290,10 @@ impl NetQueues {
             if self.pending == 0 && self.direct_rx {
                 match self.receive_direct(ctx, rx)? {
                     Direct::Done => continue,
-                    Direct::Empty => return Ok(()),
+                    Direct::Empty => {
+                        self.rx_drained = true;
+                        return Ok(());
+                    }
                     Direct::Unavailable => {}
                 }
             }
@@ -312,7 +321,10 @@ impl NetQueues {
                         }
                         self.pending = n;
                     }
-                    Err(e) if is_would_block(&e) => return Ok(()),
+                    Err(e) if is_would_block(&e) => {
+                        self.rx_drained = true;
+                        return Ok(());
+                    }
                     Err(e) => match e.raw_os_error() {
                         // The frame did not fit the buffer (the kernel consumed it).
                         Some(libc::EFAULT | libc::EMSGSIZE | libc::EINVAL) => {
@@ -732,6 +744,7 @@ impl QueueHandler for NetQueues {
             Some(QueueRole::Rx(p)) if p == self.pair => {
                 self.rx = Some(queue.index);
                 self.rx_paused = false;
+                self.rx_drained = false;
             }
             Some(QueueRole::Tx(p)) if p == self.pair => self.tx = Some(queue.index),
             Some(QueueRole::Ctrl) => self.ctrl = Some(queue.index),
@@ -769,8 +782,13 @@ impl QueueHandler for NetQueues {
             if self.rx_paused {
                 self.rx_paused = false;
                 self.update_interest(ctx)?;
+                self.receive(ctx)?;
+            } else if !self.rx_drained {
+                self.receive(ctx)?;
             }
-            self.receive(ctx)?;
+            // Otherwise the TAP was read until EAGAIN and is watched: its next frame
+            // raises an event (the worker also calls this after every TAP event, when
+            // the receive above has just drained it: one read saved per event).
             // Receive buffers stay in the ring until a frame needs them (with GSO
             // offloads, until the held chains can take the largest frame).
             return Ok(Processed::Throttled);
