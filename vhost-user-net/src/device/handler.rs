@@ -2,7 +2,7 @@
 //! The handler of one queue pair (and, for pair 0, the control queue): TAP queue k
 //! between receiveq 2k and transmitq 2k + 1.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
@@ -32,6 +32,21 @@ const RX_BATCH: usize = 64;
 /// Most receive chains one frame may span with MRG_RXBUF (64 KiB in 256-byte buffers).
 const MAX_MERGED_CHAINS: usize = 256;
 
+/// Most guest buffers (descriptors) a frame is read into directly; held chains with more
+/// fragments than this take the bounce buffer. A Linux guest posts one buffer per chain
+/// with MRG_RXBUF (at least 1518 bytes: about 44 for 64 KiB) and 19 descriptors per
+/// "big packet" chain without it.
+const DIRECT_IOVECS: usize = 64;
+
+/// Guest offloads under which the TAP may hand out frames up to [`RX_BUF_LEN`] (GSO): only
+/// then is it worth holding chains for the largest frame before each read.
+const GSO_OFFLOADS: u64 =
+    crate::features::bit(virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_TSO4)
+        | crate::features::bit(virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_TSO6)
+        | crate::features::bit(virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_UFO)
+        | crate::features::bit(virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_USO4)
+        | crate::features::bit(virtio_bindings::virtio_net::VIRTIO_NET_F_GUEST_USO6);
+
 /// Length of an Ethernet header (destination, source, EtherType).
 const ETH_HLEN: usize = 14;
 
@@ -45,6 +60,9 @@ pub struct NetQueues {
     features: Negotiated,
     hdr_len: usize,
     mrg_rxbuf: bool,
+    /// Frames are read straight into held receive chains when they can take the largest
+    /// frame (GSO offloads negotiated), saving the copy through `buf`.
+    direct_rx: bool,
     metrics: Arc<QueueMetrics>,
     rx: Option<u16>,
     tx: Option<u16>,
@@ -57,6 +75,10 @@ pub struct NetQueues {
     rx_paused: bool,
     /// The TAP refused a transmitted frame with EAGAIN; waiting for writability.
     tx_blocked: bool,
+    /// The last read of the TAP found it empty (EAGAIN), and no receive ran since: with
+    /// edge-triggered readiness its next frame raises an event, so nothing waits to be
+    /// read until then.
+    rx_drained: bool,
     /// The receive buffer and the length of the frame pending in it (0: none).
     buf: Box<[u8]>,
     pending: usize,
@@ -89,6 +111,49 @@ impl std::fmt::Debug for NetQueues {
     }
 }
 
+/// What became of a direct read ([`NetQueues::receive_direct`]).
+enum Direct {
+    /// A frame was delivered or dropped.
+    Done,
+    /// The TAP has no frame (EAGAIN); the chains stay held.
+    Empty,
+    /// The held chains cannot take the largest frame: read through the buffer.
+    Unavailable,
+}
+
+/// Copies guest bytes `offset..offset + out.len()` of the buffers `iovs` (as many as
+/// they hold) into `out`; returns how many were copied.
+fn gather(iovs: &[libc::iovec], mut offset: usize, out: &mut [u8]) -> usize {
+    let mut done = 0;
+    for iov in iovs {
+        if done == out.len() {
+            break;
+        }
+        if offset >= iov.iov_len {
+            offset -= iov.iov_len;
+            continue;
+        }
+        let n = (iov.iov_len - offset).min(out.len() - done);
+        let Some(dst) = out.get_mut(done..done + n) else {
+            break;
+        };
+        // SAFETY: `iov` is a device-writable buffer of a held receive chain, translated
+        // into the guest memory mapping the chain's memory view keeps alive, and
+        // `offset + n <= iov_len`; `dst` is a Rust buffer of `n` bytes, which guest
+        // memory never overlaps.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                iov.iov_base.cast::<u8>().cast_const().add(offset),
+                dst.as_mut_ptr(),
+                n,
+            );
+        }
+        done += n;
+        offset = 0;
+    }
+    done
+}
+
 /// What became of the pending frame.
 enum Delivery {
     /// Delivered or dropped: the buffer is free.
@@ -115,6 +180,7 @@ impl NetQueues {
             pair,
             hdr_len: features.vnet_hdr_len(),
             mrg_rxbuf: features.has(virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF),
+            direct_rx: features.bits() & GSO_OFFLOADS != 0,
             features,
             metrics,
             rx: None,
@@ -124,6 +190,7 @@ impl NetQueues {
             interest: Interest::PAUSED,
             rx_paused: false,
             tx_blocked: false,
+            rx_drained: false,
             buf: vec![0u8; RX_BUF_LEN].into_boxed_slice(),
             pending: 0,
             rx_chains,
@@ -198,6 +265,7 @@ impl NetQueues {
         let Some(rx) = self.rx else {
             return Ok(());
         };
+        self.rx_drained = false;
         let delivered = self.receive_frames(ctx, rx);
         // Whatever stopped the loop, the frames delivered so far are published.
         let flushed = self.flush_rx(ctx, rx);
@@ -218,6 +286,16 @@ impl NetQueues {
             // so `used` never outgrows its capacity.
             if self.used.len() >= RX_BATCH {
                 self.flush_rx(ctx, rx)?;
+            }
+            if self.pending == 0 && self.direct_rx {
+                match self.receive_direct(ctx, rx)? {
+                    Direct::Done => continue,
+                    Direct::Empty => {
+                        self.rx_drained = true;
+                        return Ok(());
+                    }
+                    Direct::Unavailable => {}
+                }
             }
             if self.pending == 0 {
                 let Some(tap) = self.shared.tap.queues().get(usize::from(self.pair)) else {
@@ -243,7 +321,10 @@ impl NetQueues {
                         }
                         self.pending = n;
                     }
-                    Err(e) if is_would_block(&e) => return Ok(()),
+                    Err(e) if is_would_block(&e) => {
+                        self.rx_drained = true;
+                        return Ok(());
+                    }
                     Err(e) => match e.raw_os_error() {
                         // The frame did not fit the buffer (the kernel consumed it).
                         Some(libc::EFAULT | libc::EMSGSIZE | libc::EINVAL) => {
@@ -272,6 +353,156 @@ impl NetQueues {
                 }
             }
         }
+    }
+
+    /// Reads one frame straight into the held receive chains (§5.1.6.4), popping chains
+    /// first until together they take [`RX_BUF_LEN`] bytes, the most a read through the
+    /// buffer takes: a frame that fills them may be truncated and is dropped, as there.
+    /// Chains the frame does not need stay held for the next one.
+    fn receive_direct(
+        &mut self,
+        ctx: &mut GroupContext<'_>,
+        rx: u16,
+    ) -> Result<Direct, DeviceError> {
+        let Some(vring) = ctx.vring(rx) else {
+            return Ok(Direct::Unavailable);
+        };
+        // Without MRG_RXBUF a frame takes exactly one chain (§5.1.6.3.1).
+        let max_chains = if self.mrg_rxbuf { MAX_MERGED_CHAINS } else { 1 };
+        let chains = loop {
+            let held = self
+                .rx_chains
+                .get(..self.rx_held.min(max_chains))
+                .unwrap_or(&[]);
+            if let Some(n) = merged_chains_needed(held, RX_BUF_LEN) {
+                break n;
+            }
+            if self.rx_held >= max_chains {
+                return Ok(Direct::Unavailable);
+            }
+            let Some(slot) = self.rx_chains.get_mut(self.rx_held) else {
+                return Ok(Direct::Unavailable);
+            };
+            if !vring.pop_into(slot)? {
+                // Too few buffers now: the buffered read delivers what fits.
+                return Ok(Direct::Unavailable);
+            }
+            self.rx_held += 1;
+        };
+        // The chains' writable buffers, in order, up to RX_BUF_LEN bytes. A stack array:
+        // no allocation on the hot path, and the handler stays Send.
+        let mut iovs = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; DIRECT_IOVECS];
+        let mut count = 0;
+        let mut room = 0;
+        for iov in self
+            .rx_chains
+            .iter()
+            .take(chains)
+            .flat_map(|c| c.writable_iovecs())
+        {
+            if room >= RX_BUF_LEN {
+                break;
+            }
+            let Some(slot) = iovs.get_mut(count) else {
+                return Ok(Direct::Unavailable);
+            };
+            let len = iov.iov_len.min(RX_BUF_LEN - room);
+            *slot = libc::iovec {
+                iov_base: iov.iov_base,
+                iov_len: len,
+            };
+            count += 1;
+            room += len;
+        }
+        let iovs = iovs.get(..count).unwrap_or(&[]);
+        let Some(tap) = self.shared.tap.queues().get(usize::from(self.pair)) else {
+            return Ok(Direct::Unavailable);
+        };
+        // At most DIRECT_IOVECS.
+        let iovcnt = libc::c_int::try_from(count).unwrap_or(0);
+        let n = loop {
+            // SAFETY: `iovs` are device-writable buffers of the held receive chains,
+            // translated into the guest memory mapping their memory view keeps alive while
+            // they are held; at most DIRECT_IOVECS (below IOV_MAX) of them; readv writes
+            // only inside them.
+            let r = unsafe { libc::readv(tap.as_raw_fd(), iovs.as_ptr(), iovcnt) };
+            if let Ok(n) = usize::try_from(r) {
+                break n;
+            }
+            let e = io::Error::last_os_error();
+            if is_would_block(&e) {
+                return Ok(Direct::Empty);
+            }
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // The frame did not fit (the kernel consumed it).
+                Some(libc::EFAULT | libc::EMSGSIZE | libc::EINVAL) => {
+                    self.metrics.record_drop(DropReason::TooBig);
+                    self.log_failure(format_args!("a TAP frame was dropped: {e}"));
+                    return Ok(Direct::Done);
+                }
+                _ => {
+                    warn!("queue pair {}: reading the TAP failed: {e}", self.pair);
+                    return Err(DeviceError::Io(e));
+                }
+            }
+        };
+        if n < self.hdr_len {
+            self.metrics.record_drop(DropReason::BadHeader);
+            self.log_failure(format_args!("the TAP returned a {n}-byte read"));
+            return Ok(Direct::Done);
+        }
+        if n >= RX_BUF_LEN {
+            // Possibly truncated: never hand a partial frame to the guest.
+            self.metrics.record_drop(DropReason::TooBig);
+            self.log_failure(format_args!("a TAP frame filled the buffer; dropped"));
+            return Ok(Direct::Done);
+        }
+        // The receive filter looks at the destination address only (§5.1.6.5.1).
+        let mut dst = [0u8; 6];
+        let got = gather(iovs, self.hdr_len, &mut dst);
+        if !self.state.accepts_frame(dst.get(..got).unwrap_or(&[])) {
+            // The chains stay held: what was written into them is overwritten.
+            self.metrics.record_drop(DropReason::Filtered);
+            return Ok(Direct::Done);
+        }
+        let held = self.rx_chains.get(..chains).unwrap_or(&[]);
+        let Some(needed) = merged_chains_needed(held, n) else {
+            self.metrics.record_drop(DropReason::TooBig);
+            return Ok(Direct::Done);
+        };
+        // num_buffers: the chains the frame spans with MRG_RXBUF, else 1 (§5.1.6.4). The
+        // TAP leaves the field unwritten.
+        if self.hdr_len == VNET_HDR_LEN {
+            let mut hdr = [0u8; VNET_HDR_LEN];
+            set_num_buffers(&mut hdr, u16::try_from(needed).unwrap_or(u16::MAX));
+            if let Some(c) = self.rx_chains.first() {
+                let mut w = c.writer();
+                w.consume(crate::features::VNET_HDR_LEN_LEGACY);
+                let _ = w.write_all(
+                    hdr.get(crate::features::VNET_HDR_LEN_LEGACY..)
+                        .unwrap_or(&[]),
+                );
+            }
+        }
+        // readv filled each chain before the next: published with the rest of the batch.
+        let mut left = n;
+        for c in self.rx_chains.iter().take(needed) {
+            let l = left.min(c.writable_len() as usize);
+            left -= l;
+            self.used
+                .push((c.id(), u32::try_from(l).unwrap_or(u32::MAX)));
+        }
+        if needed < self.rx_held {
+            // Chains held but not needed stay for the next frame, in ring order.
+            self.rx_chains[..self.rx_held].rotate_left(needed);
+        }
+        self.rx_held -= needed;
+        self.metrics.record_rx(n - self.hdr_len);
+        Ok(Direct::Done)
     }
 
     /// Publishes the used elements of the frames delivered since the last flush (one
@@ -513,6 +744,7 @@ impl QueueHandler for NetQueues {
             Some(QueueRole::Rx(p)) if p == self.pair => {
                 self.rx = Some(queue.index);
                 self.rx_paused = false;
+                self.rx_drained = false;
             }
             Some(QueueRole::Tx(p)) if p == self.pair => self.tx = Some(queue.index),
             Some(QueueRole::Ctrl) => self.ctrl = Some(queue.index),
@@ -550,9 +782,15 @@ impl QueueHandler for NetQueues {
             if self.rx_paused {
                 self.rx_paused = false;
                 self.update_interest(ctx)?;
+                self.receive(ctx)?;
+            } else if !self.rx_drained {
+                self.receive(ctx)?;
             }
-            self.receive(ctx)?;
-            // Receive buffers stay in the ring until a frame needs them.
+            // Otherwise the TAP was read until EAGAIN and is watched: its next frame
+            // raises an event (the worker also calls this after every TAP event, when
+            // the receive above has just drained it: one read saved per event).
+            // Receive buffers stay in the ring until a frame needs them (with GSO
+            // offloads, until the held chains can take the largest frame).
             return Ok(Processed::Throttled);
         }
         Ok(Processed::Empty)

@@ -18,8 +18,8 @@ use vhost::{VhostBackend, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_NOMULTI, VIRTIO_NET_CTRL_RX_PROMISC,
-    VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
 };
 use virtio_core::driver::{DriverBuffer, DriverQueue};
 use virtio_core::vhost_user::{FrontendSocket, Server, ServerConfig};
@@ -391,6 +391,219 @@ fn tap_frames_both_ways_packed() {
 #[test]
 fn tap_frames_both_ways_packed_mrg_rxbuf() {
     in_netns(|| case(RingLayout::Packed, true));
+}
+
+/// The frame `posted[..chains]` hold: reads each used chain (checking the order and that
+/// the chain is one of `posted`), returns header and frame.
+fn used_frame(rx: &mut Ring, mem: &GuestMem, posted: &[(u16, u64)], chains: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    for &(posted_id, addr) in posted.iter().take(chains) {
+        let (id, len) = rx.used(mem);
+        assert_eq!(id, posted_id, "chains are used in order");
+        let mut b = vec![0u8; len as usize];
+        mem.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+        got.extend_from_slice(&b);
+    }
+    got
+}
+
+/// With a GSO offload (GUEST_TSO4) and MRG_RXBUF: while the held chains cannot take the
+/// largest frame, frames go through the bounce buffer; once they can, frames are read
+/// straight into them, spanning chains in order with `num_buffers` set (§5.1.6.4), and
+/// the chains a frame does not need are held for the next one.
+fn direct_rx_case(layout: RingLayout, mrg_rxbuf: bool) {
+    let tap = Tap::open("vut2", 1).unwrap();
+    let device = Arc::new(
+        NetDevice::with_tap(
+            tap,
+            &NetOptions {
+                mac: MAC,
+                mtu: None,
+                queue_pairs: 1,
+                max_queue_size: 256,
+            },
+        )
+        .unwrap(),
+    );
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut server = Server::new(
+        FrontendSocket::Connected(b),
+        Arc::clone(&device),
+        ServerConfig::default(),
+    )
+    .unwrap();
+    let server = std::thread::spawn(move || server.serve());
+    let mut fe = Frontend::from_stream(a, 3);
+    let mem = GuestMem::new();
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    let mut want = bit(VIRTIO_F_VERSION_1)
+        | EVENT_IDX
+        | bit(VIRTIO_NET_F_MAC)
+        | bit(VIRTIO_NET_F_CTRL_VQ)
+        | bit(VIRTIO_NET_F_CTRL_RX)
+        | bit(VIRTIO_NET_F_CTRL_RX_EXTRA)
+        | bit(VIRTIO_NET_F_GUEST_CSUM)
+        | bit(VIRTIO_NET_F_GUEST_TSO4)
+        | virtio_core::vhost_user::VHOST_USER_F_PROTOCOL_FEATURES;
+    if layout == RingLayout::Packed {
+        want |= RING_PACKED;
+    }
+    if mrg_rxbuf {
+        want |= bit(VIRTIO_NET_F_MRG_RXBUF);
+    }
+    assert_eq!(offered & want, want, "offered {offered:#x}");
+    fe.set_features(want).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
+        .unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe.set_mem_table(&[mem.region()]).unwrap();
+    let mut rx = Ring::start(&mut fe, &mem, 0, layout);
+    let mut tx = Ring::start(&mut fe, &mem, 1, layout);
+    let mut ctrl = Ring::start(&mut fe, &mem, 2, layout);
+    // Broadcast frames only (no promiscuous mode, no multicast, §5.1.6.5.1).
+    let (class, promisc, nomulti) = (
+        VIRTIO_NET_CTRL_RX as u8,
+        VIRTIO_NET_CTRL_RX_PROMISC as u8,
+        VIRTIO_NET_CTRL_RX_NOMULTI as u8,
+    );
+    control(&mut ctrl, &mem, 0x30_0000, &[class, promisc, 0]);
+    control(&mut ctrl, &mem, 0x30_1000, &[class, nomulti, 1]);
+    device.shared.tap.set_link_up(true).unwrap();
+    let sock = packet_socket("vut2");
+
+    let mut next_addr = 0x10_0000u64;
+    let mut post = |rx: &mut Ring, len: u32| {
+        let addr = next_addr;
+        next_addr += u64::from(len).next_multiple_of(0x1000);
+        let id = rx.add(
+            &mem,
+            &[DriverBuffer {
+                addr,
+                len,
+                writable: true,
+            }],
+        );
+        (id, addr)
+    };
+    let check = |got: &[u8], chains: usize, f: &[u8]| {
+        let hdr = VnetHeader::read(got, 12).unwrap();
+        assert_eq!(
+            usize::from(hdr.num_buffers.to_native()),
+            chains,
+            "num_buffers"
+        );
+        assert_eq!(&got[12..], f, "the frame behind its vnet header");
+    };
+
+    if !mrg_rxbuf {
+        // A Linux guest's "big packet" chain: the header, then pages (§5.1.6.3.1: one
+        // chain per frame). It takes the largest frame, so the frame is read into it.
+        let at = 0x20_0000u64;
+        let mut bufs = vec![DriverBuffer {
+            addr: at,
+            len: 12,
+            writable: true,
+        }];
+        bufs.extend((0..17u64).map(|k| DriverBuffer {
+            addr: at + 0x1000 * (k + 1),
+            len: 0x1000,
+            writable: true,
+        }));
+        let id = rx.add(&mem, &bufs);
+        let a = frame(0x10, 1400);
+        send(&sock, &a);
+        let (got_id, len) = rx.used(&mem);
+        assert_eq!((got_id, len as usize), (id, 12 + a.len()));
+        let mut got = vec![0u8; 12 + a.len()];
+        mem.mem
+            .read_slice(&mut got[..12], GuestAddress(at))
+            .unwrap();
+        mem.mem
+            .read_slice(&mut got[12..], GuestAddress(at + 0x1000))
+            .unwrap();
+        check(&got, 1, &a);
+        // A 2 KiB chain cannot take the largest frame: a frame that fits goes through the
+        // bounce buffer into it.
+        let (id, addr) = post(&mut rx, 2048);
+        let b = frame(0x20, 100);
+        send(&sock, &b);
+        assert_eq!(rx.used(&mem), (id, (12 + b.len()) as u32));
+        let mut got = vec![0u8; 12 + b.len()];
+        mem.mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
+        check(&got, 1, &b);
+        assert_eq!(device.metrics(0).unwrap().snapshot().rx_packets, 2);
+        finish(fe, sock, server);
+        let _ = (&mut ctrl, &mut tx);
+        return;
+    }
+
+    // 1536 bytes of buffers: less than the largest frame, so through the bounce buffer.
+    let small: Vec<_> = (0..3).map(|_| post(&mut rx, 512)).collect();
+    let a = frame(0x10, 1200);
+    send(&sock, &a);
+    check(&used_frame(&mut rx, &mem, &small, 3), 3, &a);
+
+    // Three small buffers and a 64 KiB one: together they take the largest frame.
+    let mut posted: Vec<_> = (0..3).map(|_| post(&mut rx, 512)).collect();
+    posted.push(post(&mut rx, 0x1_0000));
+    let b = frame(0x20, 1200);
+    send(&sock, &b);
+    check(&used_frame(&mut rx, &mem, &posted, 3), 3, &b);
+    // The 64 KiB chain was held; the next frame lands in it.
+    let c = frame(0x30, 100);
+    send(&sock, &c);
+    check(&used_frame(&mut rx, &mem, &posted[3..], 1), 1, &c);
+    // A multicast frame read into held chains is filtered (NOMULTI) and its chains kept.
+    let more: Vec<_> = (0..2).map(|_| post(&mut rx, 0x1_0000)).collect();
+    let mut multi = frame(0x40, 60);
+    multi[..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
+    send(&sock, &multi);
+    let d = frame(0x50, 60);
+    send(&sock, &d);
+    check(&used_frame(&mut rx, &mem, &more, 1), 1, &d);
+    let m = device.metrics(0).unwrap().snapshot();
+    // The kernel's own IPv6 multicast (sent as the link comes up) is filtered too.
+    assert!(m.drop_filtered >= 1, "{m}");
+    assert_eq!(m.rx_packets, 4, "{m}");
+    finish(fe, sock, server);
+    let _ = (&mut ctrl, &mut tx);
+}
+
+/// Disconnects and waits for the server to end cleanly.
+fn finish<T>(fe: Frontend, sock: std::os::fd::OwnedFd, server: std::thread::JoinHandle<T>) {
+    drop(fe);
+    drop(sock);
+    let start = Instant::now();
+    while !server.is_finished() {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the server did not notice the disconnect"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = server.join().unwrap();
+}
+
+#[test]
+fn rx_with_gso_reads_frames_straight_into_held_chains_split() {
+    in_netns(|| direct_rx_case(RingLayout::Split, true));
+}
+
+#[test]
+fn rx_with_gso_reads_frames_straight_into_held_chains_packed() {
+    in_netns(|| direct_rx_case(RingLayout::Packed, true));
+}
+
+#[test]
+fn rx_with_gso_without_mrg_rxbuf_reads_a_frame_into_one_big_chain_split() {
+    in_netns(|| direct_rx_case(RingLayout::Split, false));
+}
+
+#[test]
+fn rx_with_gso_without_mrg_rxbuf_reads_a_frame_into_one_big_chain_packed() {
+    in_netns(|| direct_rx_case(RingLayout::Packed, false));
 }
 
 /// Two queue pairs with CTRL_VQ and MQ: the control queue (index 4, §5.1.2) is served by

@@ -56,6 +56,9 @@ const TAP: &str = "tbtap0";
 const PORT: &str = "5201";
 /// Printed by the guest once its interface answers pings and the iperf3 server starts.
 const READY: &str = "TAPBENCH-READY";
+/// Prefix of the guest's interrupt counts around each iperf3 server:
+/// `TAPBENCH-IRQ <test> before|after virtio0-input.0=N virtio0-output.0=N ...`.
+const IRQ_MARKER: &str = "TAPBENCH-IRQ ";
 /// From QEMU's start until [`READY`] (boot ~5 s under TCG, the ping ~1 s).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the host keeps retrying to reach the guest's iperf3 server (it restarts
@@ -95,6 +98,13 @@ struct Args {
     /// The iperf3 run on the host and copied into the guest.
     #[arg(long, default_value = "/usr/bin/iperf3")]
     iperf3: PathBuf,
+    /// Per transfer, print to stderr where the time goes: the guest's virtio interrupts,
+    /// the TAP's frame counts and drops, TCP retransmits, and (with `perf` installed) the
+    /// syscalls and context switches of QEMU and of our daemon, all per MiB. `perf stat`
+    /// attached to the processes costs some throughput: compare diagnostic runs with each
+    /// other, not with plain ones.
+    #[arg(long)]
+    diag: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,6 +170,199 @@ struct Transfer {
     wall: Duration,
     /// Connection attempts refused before this one (the guest's server restarting).
     refused: u32,
+    /// Busy CPU seconds of the whole host during the transfer not spent by QEMU or our
+    /// daemon: the host's iperf3 and its share of the TCP stack (small), and any other
+    /// load on the machine, which competes with the guest's vCPU thread.
+    others_cpu: f64,
+}
+
+/// Syscalls and context switches counted by `perf stat` (`--diag`).
+const PERF_EVENTS: &[&str] = &[
+    "syscalls:sys_enter_read",
+    "syscalls:sys_enter_readv",
+    "syscalls:sys_enter_write",
+    "syscalls:sys_enter_writev",
+    "syscalls:sys_enter_epoll_wait",
+    "syscalls:sys_enter_ppoll",
+    "syscalls:sys_enter_ioctl",
+    "syscalls:sys_enter_futex",
+    "context-switches",
+];
+
+/// The TAP's counters (the host's view: tx is towards the guest).
+#[derive(Clone, Copy, Debug, Default)]
+struct TapStats {
+    tx_packets: u64,
+    tx_bytes: u64,
+    tx_dropped: u64,
+    rx_packets: u64,
+    rx_bytes: u64,
+    rx_dropped: u64,
+}
+
+impl TapStats {
+    fn read(ns: &NetNs) -> TapStats {
+        let names = [
+            "tx_packets",
+            "tx_bytes",
+            "tx_dropped",
+            "rx_packets",
+            "rx_bytes",
+            "rx_dropped",
+        ];
+        let mut cmd = ns.command("cat");
+        for n in names {
+            cmd.arg(format!("/sys/class/net/{TAP}/statistics/{n}"));
+        }
+        let (out, err) = cmd
+            .output()
+            .map(|o| (o.stdout, o.stderr))
+            .unwrap_or_default();
+        let v: Vec<u64> = String::from_utf8_lossy(&out)
+            .lines()
+            .map(|l| l.trim().parse().unwrap_or(0))
+            .collect();
+        if v.len() != names.len() {
+            eprintln!(
+                "diag: reading the TAP's counters failed: {}",
+                String::from_utf8_lossy(&err).trim()
+            );
+        }
+        let g = |i: usize| v.get(i).copied().unwrap_or(0);
+        TapStats {
+            tx_packets: g(0),
+            tx_bytes: g(1),
+            tx_dropped: g(2),
+            rx_packets: g(3),
+            rx_bytes: g(4),
+            rx_dropped: g(5),
+        }
+    }
+
+    fn since(&self, before: &TapStats) -> TapStats {
+        TapStats {
+            tx_packets: self.tx_packets.saturating_sub(before.tx_packets),
+            tx_bytes: self.tx_bytes.saturating_sub(before.tx_bytes),
+            tx_dropped: self.tx_dropped.saturating_sub(before.tx_dropped),
+            rx_packets: self.rx_packets.saturating_sub(before.rx_packets),
+            rx_bytes: self.rx_bytes.saturating_sub(before.rx_bytes),
+            rx_dropped: self.rx_dropped.saturating_sub(before.rx_dropped),
+        }
+    }
+}
+
+/// `perf stat` attached to a process for the length of a transfer.
+struct PerfStat(BackgroundProcess, Watched);
+
+impl PerfStat {
+    fn start(pid: u32) -> Option<PerfStat> {
+        let mut cmd = Command::new("perf");
+        cmd.args(["stat", "-x", ",", "-e", &PERF_EVENTS.join(","), "-p"])
+            .arg(pid.to_string());
+        let p = BackgroundProcess::spawn("perf", cmd).ok()?;
+        let w = watch(p.pid());
+        Some(PerfStat(p, w))
+    }
+
+    /// Stops counting (SIGINT: perf prints its counts) and returns (event, count).
+    fn finish(self) -> Vec<(String, f64)> {
+        let PerfStat(mut p, _w) = self;
+        if let Some(pid) = p.pid().and_then(|p| libc::pid_t::try_from(p).ok()) {
+            // SAFETY: kill(2) has no memory-safety preconditions; `pid` is our unreaped
+            // child.
+            unsafe {
+                libc::kill(pid, libc::SIGINT);
+            }
+        }
+        let _ = p.wait_timeout(Duration::from_secs(5));
+        p.log()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(',');
+                let count = f.next()?.trim().parse::<f64>().ok()?;
+                let _unit = f.next()?;
+                let event = f.next()?.trim();
+                let event = event.strip_prefix("syscalls:sys_enter_").unwrap_or(event);
+                Some((event.to_owned(), count))
+            })
+            .collect()
+    }
+}
+
+/// Busy CPU seconds of the whole host (all CPUs) from /proc/stat: everything but idle
+/// and iowait.
+fn host_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else {
+        return 0.0;
+    };
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (v.iter().sum::<f64>() - idle) / hz
+}
+
+/// What `--diag` gathers around one transfer.
+#[derive(Default)]
+struct Diag {
+    tap: TapStats,
+    retransmits: Option<f64>,
+    qemu: Vec<(String, f64)>,
+    daemon: Vec<(String, f64)>,
+}
+
+/// Sum of the interrupt counts of lines `<marker><test> <phase> name=N ...` whose name
+/// contains `what`.
+fn guest_irqs(log: &str, test: usize, phase: &str, what: &str) -> Option<u64> {
+    let prefix = format!("{IRQ_MARKER}{test} {phase}");
+    let line = log.lines().find_map(|l| l.trim().strip_prefix(&prefix))?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| k.contains(what))
+            .filter_map(|(_, v)| v.parse::<u64>().ok())
+            .sum(),
+    )
+}
+
+fn print_diag(b: Backend, dir: Direction, t: &Transfer, d: &Diag, log: &str, test: usize) {
+    let mib = t.bytes / 1_048_576.0;
+    let per = |x: f64| x / mib;
+    let irq = |what: &str| {
+        guest_irqs(log, test, "after", what)
+            .zip(guest_irqs(log, test, "before", what))
+            .map(|(a, b)| a.saturating_sub(b) as f64)
+    };
+    let fmt = |v: &[(String, f64)]| {
+        v.iter()
+            .map(|(e, c)| format!("{e}={:.0}", per(*c)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let avg = |bytes: u64, pkts: u64| bytes.checked_div(pkts).unwrap_or(0);
+    eprintln!(
+        "diag {}, {}: per MiB: guest irq input={} output={}; TAP to guest {:.1} frames \
+         (avg {} B, {} dropped), from guest {:.1} frames (avg {} B, {} dropped); \
+         TCP retransmits {} (whole transfer)\n  QEMU: {}\n  daemon: {}",
+        b.name(),
+        dir.name(),
+        fmt_opt(irq("input").map(per), 1),
+        fmt_opt(irq("output").map(per), 1),
+        per(d.tap.tx_packets as f64),
+        avg(d.tap.tx_bytes, d.tap.tx_packets),
+        d.tap.tx_dropped,
+        per(d.tap.rx_packets as f64),
+        avg(d.tap.rx_bytes, d.tap.rx_packets),
+        d.tap.rx_dropped,
+        fmt_opt(d.retransmits, 0),
+        fmt(&d.qemu),
+        fmt(&d.daemon),
+    );
 }
 
 impl Transfer {
@@ -174,6 +377,10 @@ impl Transfer {
     }
     fn total_per_gib(&self) -> f64 {
         (self.qemu_cpu + self.daemon_cpu.unwrap_or(0.0)) / self.gib()
+    }
+    /// [`Self::others_cpu`] over the transfer's wall time: host CPUs kept busy by others.
+    fn others_load(&self) -> f64 {
+        self.others_cpu / self.wall.as_secs_f64().max(1e-9)
     }
 }
 
@@ -279,9 +486,12 @@ until ping -c 1 -W 1 {HOST_ADDR} >/dev/null 2>&1; do
     i=$((i + 1)); [ "$i" -lt 30 ] || fail "no ping reply from {HOST_ADDR}"
 done
 step "eth0 up"
+irqs() {{ awk '/virtio[0-9]+-(input|output)/ {{ s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; printf " %s=%d", $NF, s }}' /proc/interrupts; }}
 echo {READY}
 for t in 1 2; do
+    echo "{IRQ_MARKER}$t before$(irqs)"
     iperf3 -s -1 -p {PORT} >/tmp/iperf3.log 2>&1 || {{ cat /tmp/iperf3.log; fail "iperf3 server $t"; }}
+    echo "{IRQ_MARKER}$t after$(irqs)"
     step "iperf3 test $t done"
 done
 "#
@@ -352,7 +562,7 @@ fn transfer(
     dir: Direction,
     qemu_pid: u32,
     daemon_pid: Option<u32>,
-) -> Result<Transfer, String> {
+) -> Result<(Transfer, Diag), String> {
     let deadline = Instant::now() + CONNECT_RETRY;
     let timeout = Duration::from_secs(ctx.args.transfer_timeout);
     let mut refused = 0;
@@ -374,6 +584,11 @@ fn transfer(
         if ctx.args.queue_pairs > 1 {
             cmd.args(["-P", &ctx.args.queue_pairs.to_string()]);
         }
+        let diag = ctx.args.diag;
+        let tap0 = diag.then(|| TapStats::read(ns));
+        let perf_q = diag.then(|| PerfStat::start(qemu_pid)).flatten();
+        let perf_d = daemon_pid.filter(|_| diag).and_then(PerfStat::start);
+        let busy0 = host_busy_seconds();
         let q0 = cpu(qemu_pid, "QEMU")?;
         let d0 = daemon_pid.map(|p| cpu(p, "the daemon")).transpose()?;
         let t0 = Instant::now();
@@ -383,6 +598,15 @@ fn transfer(
         let wall = t0.elapsed();
         let q1 = cpu(qemu_pid, "QEMU")?;
         let d1 = daemon_pid.map(|p| cpu(p, "the daemon")).transpose()?;
+        let busy = host_busy_seconds() - busy0;
+        let mut d = Diag {
+            qemu: perf_q.map(PerfStat::finish).unwrap_or_default(),
+            daemon: perf_d.map(PerfStat::finish).unwrap_or_default(),
+            ..Diag::default()
+        };
+        if let Some(before) = tap0 {
+            d.tap = TapStats::read(ns).since(&before);
+        }
         let log = client.log();
         let Some(status) = status else {
             return Err(format!(
@@ -419,14 +643,19 @@ fn transfer(
         if bytes <= 0.0 {
             return Err(format!("{}: iperf3 sent nothing", dir.name()));
         }
-        return Ok(Transfer {
+        d.retransmits = log
+            .find("\"sum_sent\":")
+            .and_then(|at| json_number(&log, at, "retransmits"));
+        let t = Transfer {
             mbit_s: bps / 1e6,
             bytes,
             qemu_cpu: q1 - q0,
             daemon_cpu: d0.zip(d1).map(|(a, b)| b - a),
             wall,
             refused,
-        });
+            others_cpu: busy - (q1 - q0) - d0.zip(d1).map_or(0.0, |(a, b)| b - a),
+        };
+        return Ok((t, d));
     }
 }
 
@@ -476,7 +705,7 @@ fn run_once(ctx: &Ctx, b: Backend, rep: u32) -> Result<[Transfer; 2], String> {
                 .arg(&socket)
                 .args(["--tap", TAP, "--mac", GUEST_MAC])
                 .args(["--queue-pairs", &qp.to_string()])
-                .env("RUST_LOG", "warn");
+                .env("RUST_LOG", if ctx.args.diag { "info" } else { "warn" });
             let mut d =
                 BackgroundProcess::spawn("vhost-user-net", cmd).map_err(|e| e.to_string())?;
             _daemon_watch = watch(d.pid());
@@ -570,12 +799,20 @@ fn run_once(ctx: &Ctx, b: Backend, rep: u32) -> Result<[Transfer; 2], String> {
     let qemu_pid = running.pid().ok_or("QEMU has no pid")?;
     let daemon_pid = daemon.as_ref().and_then(BackgroundProcess::pid);
     let mut out = Vec::with_capacity(2);
+    let mut diags = Vec::with_capacity(2);
     for dir in DIRECTIONS {
-        let t = transfer(ctx, &ns, dir, qemu_pid, daemon_pid)
+        let (t, d) = transfer(ctx, &ns, dir, qemu_pid, daemon_pid)
             .map_err(|e| fail(e, &running, &daemon))?;
         out.push(t);
+        diags.push(d);
     }
     let vm_out = running.wait().map_err(|e| e.to_string())?;
+    if ctx.args.diag {
+        eprintln!("diag {}: the guest's virtio features {features}", b.name());
+        for (i, ((dir, t), d)) in DIRECTIONS.iter().zip(&out).zip(&diags).enumerate() {
+            print_diag(b, *dir, t, d, &vm_out.log, i + 1);
+        }
+    }
     if !vm_out.success() {
         return Err(format!(
             "guest script failed (E2E-EXIT={})\n{}",
@@ -590,7 +827,18 @@ fn run_once(ctx: &Ctx, b: Backend, rep: u32) -> Result<[Transfer; 2], String> {
     }
     drop(_daemon_watch);
     if let Some(d) = daemon {
-        match d.stop() {
+        let stopped = d.stop();
+        if ctx.args.diag {
+            if let Ok((_, log)) = &stopped {
+                for l in log
+                    .lines()
+                    .filter(|l| l.contains("negotiated") || l.contains("counters"))
+                {
+                    eprintln!("diag daemon: {l}");
+                }
+            }
+        }
+        match stopped {
             Ok((status, _)) if status.success() => {}
             Ok((status, log)) => eprintln!(
                 "{}: warning: our daemon did not exit cleanly on SIGTERM ({status})\n{}",
@@ -700,7 +948,7 @@ fn run(args: Args) -> Result<bool, String> {
                     for (dir, x) in DIRECTIONS.iter().zip(&t) {
                         eprintln!(
                             "rep {rep}, {}, {}: {:.0} Mbit/s, {:.1} MiB, client {:.2}s \
-                             ({} refused), QEMU {:.2} CPU-s{}",
+                             ({} refused), QEMU {:.2} CPU-s{}, other host load {:.2} CPUs",
                             b.name(),
                             dir.name(),
                             x.mbit_s,
@@ -710,7 +958,8 @@ fn run(args: Args) -> Result<bool, String> {
                             x.qemu_cpu,
                             x.daemon_cpu
                                 .map(|d| format!(", daemon {d:.2} CPU-s"))
-                                .unwrap_or_default()
+                                .unwrap_or_default(),
+                            x.others_load()
                         );
                     }
                     eprintln!(
@@ -739,9 +988,9 @@ fn run(args: Args) -> Result<bool, String> {
     println!("{header}\n");
     println!(
         "| direction | backend | Mbit/s (median) | Mbit/s (min–max) | QEMU CPU-s/GiB | \
-         daemon CPU-s/GiB | QEMU + daemon CPU-s/GiB | runs |"
+         daemon CPU-s/GiB | QEMU + daemon CPU-s/GiB | other host load (CPUs) | runs |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     // medians[dir][backend] = (Mbit/s, total CPU-s/GiB, QEMU CPU-s/GiB)
     let mut medians = [Vec::new(), Vec::new()];
     for (d, dir) in DIRECTIONS.iter().enumerate() {
@@ -754,8 +1003,9 @@ fn run(args: Args) -> Result<bool, String> {
             let q = median(xs.iter().map(Transfer::qemu_per_gib).collect());
             let dm = median(xs.iter().filter_map(Transfer::daemon_per_gib).collect());
             let tot = median(xs.iter().map(Transfer::total_per_gib).collect());
+            let others = median(xs.iter().map(Transfer::others_load).collect());
             println!(
-                "| {} | {} | {} | {}–{} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {}–{} | {} | {} | {} | {} | {} |",
                 dir.name(),
                 b.name(),
                 fmt_opt(m, 0),
@@ -764,6 +1014,7 @@ fn run(args: Args) -> Result<bool, String> {
                 fmt_opt(q, 1),
                 fmt_opt(dm, 1),
                 fmt_opt(tot, 1),
+                fmt_opt(others, 2),
                 xs.len()
             );
             if let Some(v) = medians.get_mut(d) {
