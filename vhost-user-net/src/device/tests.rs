@@ -131,8 +131,17 @@ fn control(ring: &mut Ring, mem: &GuestMem, at: u64, cmd: &[u8]) {
     assert_eq!(ack, crate::ctrl::ACK_OK, "control command {cmd:?} refused");
 }
 
-fn case(layout: RingLayout, mrg_rxbuf: bool) {
-    let tap = Tap::open("vut0", 1).unwrap();
+/// A one-pair device on a new TAP `name`, served in-process over a socketpair; the
+/// frontend has sent SET_OWNER.
+fn serve_tap(
+    name: &str,
+) -> (
+    Arc<NetDevice>,
+    Frontend,
+    std::thread::JoinHandle<Result<(), virtio_core::vhost_user::Error>>,
+    GuestMem,
+) {
+    let tap = Tap::open(name, 1).unwrap();
     let device = Arc::new(
         NetDevice::with_tap(
             tap,
@@ -153,10 +162,14 @@ fn case(layout: RingLayout, mrg_rxbuf: bool) {
     )
     .unwrap();
     let server = std::thread::spawn(move || server.serve());
-    let mut fe = Frontend::from_stream(a, 3);
-    let mem = GuestMem::new();
-
+    let fe = Frontend::from_stream(a, 3);
     fe.set_owner().unwrap();
+    (device, fe, server, GuestMem::new())
+}
+
+/// Acks VERSION_1, EVENT_IDX, MAC, the control queue with RX filtering, the ring layout,
+/// MRG_RXBUF if asked and `extra`, after checking they are offered.
+fn ack_features(fe: &mut Frontend, layout: RingLayout, mrg_rxbuf: bool, extra: u64) {
     let offered = fe.get_features().unwrap();
     let mut want = bit(VIRTIO_F_VERSION_1)
         | EVENT_IDX
@@ -164,6 +177,7 @@ fn case(layout: RingLayout, mrg_rxbuf: bool) {
         | bit(VIRTIO_NET_F_CTRL_VQ)
         | bit(VIRTIO_NET_F_CTRL_RX)
         | bit(VIRTIO_NET_F_CTRL_RX_EXTRA)
+        | extra
         | virtio_core::vhost_user::VHOST_USER_F_PROTOCOL_FEATURES;
     if layout == RingLayout::Packed {
         want |= RING_PACKED;
@@ -173,6 +187,24 @@ fn case(layout: RingLayout, mrg_rxbuf: bool) {
     }
     assert_eq!(offered & want, want, "offered {offered:#x}");
     fe.set_features(want).unwrap();
+}
+
+/// Only broadcast frames get through (no promiscuous mode, no multicast, §5.1.6.5.1:
+/// not the IPv6 multicast the kernel sends when the link comes up); then link up.
+fn broadcast_only_and_link_up(ctrl: &mut Ring, mem: &GuestMem, device: &NetDevice) {
+    let (class, promisc, nomulti) = (
+        VIRTIO_NET_CTRL_RX as u8,
+        VIRTIO_NET_CTRL_RX_PROMISC as u8,
+        VIRTIO_NET_CTRL_RX_NOMULTI as u8,
+    );
+    control(ctrl, mem, 0x30_0000, &[class, promisc, 0]);
+    control(ctrl, mem, 0x30_1000, &[class, nomulti, 1]);
+    device.shared.tap.set_link_up(true).unwrap();
+}
+
+fn case(layout: RingLayout, mrg_rxbuf: bool) {
+    let (device, mut fe, server, mem) = serve_tap("vut0");
+    ack_features(&mut fe, layout, mrg_rxbuf, 0);
     let pf = fe.get_protocol_features().unwrap();
     assert!(pf.contains(VhostUserProtocolFeatures::CONFIG));
     fe.set_protocol_features(
@@ -188,16 +220,7 @@ fn case(layout: RingLayout, mrg_rxbuf: bool) {
     let mut tx = Ring::start(&mut fe, &mem, 1, layout);
     let mut ctrl = Ring::start(&mut fe, &mem, 2, layout);
 
-    // Only broadcast frames get through from now on: not the IPv6 multicast the kernel
-    // sends when the link comes up (§5.1.6.5.1).
-    let (class, promisc, nomulti) = (
-        VIRTIO_NET_CTRL_RX as u8,
-        VIRTIO_NET_CTRL_RX_PROMISC as u8,
-        VIRTIO_NET_CTRL_RX_NOMULTI as u8,
-    );
-    control(&mut ctrl, &mem, 0x30_0000, &[class, promisc, 0]);
-    control(&mut ctrl, &mem, 0x30_1000, &[class, nomulti, 1]);
-    device.shared.tap.set_link_up(true).unwrap();
+    broadcast_only_and_link_up(&mut ctrl, &mem, &device);
     let sock = packet_socket("vut0");
 
     // TX: header and frame in separate descriptors, straight to the TAP.
@@ -412,48 +435,13 @@ fn used_frame(rx: &mut Ring, mem: &GuestMem, posted: &[(u16, u64)], chains: usiz
 /// straight into them, spanning chains in order with `num_buffers` set (§5.1.6.4), and
 /// the chains a frame does not need are held for the next one.
 fn direct_rx_case(layout: RingLayout, mrg_rxbuf: bool) {
-    let tap = Tap::open("vut2", 1).unwrap();
-    let device = Arc::new(
-        NetDevice::with_tap(
-            tap,
-            &NetOptions {
-                mac: MAC,
-                mtu: None,
-                queue_pairs: 1,
-                max_queue_size: 256,
-            },
-        )
-        .unwrap(),
+    let (device, mut fe, server, mem) = serve_tap("vut2");
+    ack_features(
+        &mut fe,
+        layout,
+        mrg_rxbuf,
+        bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4),
     );
-    let (a, b) = UnixStream::pair().unwrap();
-    let mut server = Server::new(
-        FrontendSocket::Connected(b),
-        Arc::clone(&device),
-        ServerConfig::default(),
-    )
-    .unwrap();
-    let server = std::thread::spawn(move || server.serve());
-    let mut fe = Frontend::from_stream(a, 3);
-    let mem = GuestMem::new();
-    fe.set_owner().unwrap();
-    let offered = fe.get_features().unwrap();
-    let mut want = bit(VIRTIO_F_VERSION_1)
-        | EVENT_IDX
-        | bit(VIRTIO_NET_F_MAC)
-        | bit(VIRTIO_NET_F_CTRL_VQ)
-        | bit(VIRTIO_NET_F_CTRL_RX)
-        | bit(VIRTIO_NET_F_CTRL_RX_EXTRA)
-        | bit(VIRTIO_NET_F_GUEST_CSUM)
-        | bit(VIRTIO_NET_F_GUEST_TSO4)
-        | virtio_core::vhost_user::VHOST_USER_F_PROTOCOL_FEATURES;
-    if layout == RingLayout::Packed {
-        want |= RING_PACKED;
-    }
-    if mrg_rxbuf {
-        want |= bit(VIRTIO_NET_F_MRG_RXBUF);
-    }
-    assert_eq!(offered & want, want, "offered {offered:#x}");
-    fe.set_features(want).unwrap();
     let pf = fe.get_protocol_features().unwrap();
     fe.set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
         .unwrap();
@@ -462,15 +450,7 @@ fn direct_rx_case(layout: RingLayout, mrg_rxbuf: bool) {
     let mut rx = Ring::start(&mut fe, &mem, 0, layout);
     let mut tx = Ring::start(&mut fe, &mem, 1, layout);
     let mut ctrl = Ring::start(&mut fe, &mem, 2, layout);
-    // Broadcast frames only (no promiscuous mode, no multicast, §5.1.6.5.1).
-    let (class, promisc, nomulti) = (
-        VIRTIO_NET_CTRL_RX as u8,
-        VIRTIO_NET_CTRL_RX_PROMISC as u8,
-        VIRTIO_NET_CTRL_RX_NOMULTI as u8,
-    );
-    control(&mut ctrl, &mem, 0x30_0000, &[class, promisc, 0]);
-    control(&mut ctrl, &mem, 0x30_1000, &[class, nomulti, 1]);
-    device.shared.tap.set_link_up(true).unwrap();
+    broadcast_only_and_link_up(&mut ctrl, &mem, &device);
     let sock = packet_socket("vut2");
 
     let mut next_addr = 0x10_0000u64;

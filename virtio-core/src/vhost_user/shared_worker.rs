@@ -17,7 +17,7 @@
 //! own that panics), not the thread nor the other workers.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
@@ -76,16 +76,11 @@ impl WorkerThread {
         let thread_wake = wake
             .try_clone()
             .map_err(os("cloning a shared worker eventfd"))?;
-        let raw = epoll::create(true).map_err(os("creating a shared worker epoll set"))?;
-        // SAFETY: `raw` is a fresh epoll descriptor nobody else owns.
-        let epoll_fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        epoll::ctl(
-            epoll_fd.as_raw_fd(),
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            thread_wake.as_raw_fd(),
-            epoll::Event::new(epoll::Events::EPOLLIN, TOKEN_WAKE),
-        )
-        .map_err(os("adding an eventfd to the shared worker epoll set"))?;
+        let epoll_fd = super::worker::epoll_watching(
+            &thread_wake,
+            TOKEN_WAKE,
+            "creating a shared worker epoll set",
+        )?;
         let (tx, rx) = mpsc::channel();
         let workers = Arc::new(AtomicUsize::new(0));
         let host = Host {

@@ -101,16 +101,7 @@ impl WorkerHandle {
         let wake =
             EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(os("creating a worker eventfd"))?;
         let worker_wake = wake.try_clone().map_err(os("cloning a worker eventfd"))?;
-        let raw = epoll::create(true).map_err(os("creating a worker epoll set"))?;
-        // SAFETY: `raw` is a fresh epoll descriptor nobody else owns.
-        let epoll_fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        epoll::ctl(
-            epoll_fd.as_raw_fd(),
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            worker_wake.as_raw_fd(),
-            epoll::Event::new(epoll::Events::EPOLLIN, TOKEN_COMMAND),
-        )
-        .map_err(os("adding the command eventfd to the worker epoll set"))?;
+        let epoll_fd = epoll_watching(&worker_wake, TOKEN_COMMAND, "creating a worker epoll set")?;
         let (tx, rx) = mpsc::channel();
         let mut slots = Vec::with_capacity(group_size);
         slots.resize_with(group_size, || None);
@@ -205,6 +196,25 @@ impl Drop for WorkerHandle {
         // and this does nothing).
         let _ = self.wake.write(1);
     }
+}
+
+/// A new epoll set watching `wake` (readable) under `token`; `what` says what creating
+/// it was for, in errors.
+pub(crate) fn epoll_watching(wake: &EventFd, token: u64, what: &'static str) -> Result<OwnedFd> {
+    let raw = epoll::create(true).map_err(|source| Error::Os { what, source })?;
+    // SAFETY: `raw` is a fresh epoll descriptor nobody else owns.
+    let epoll_fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    epoll::ctl(
+        epoll_fd.as_raw_fd(),
+        epoll::ControlOptions::EPOLL_CTL_ADD,
+        wake.as_raw_fd(),
+        epoll::Event::new(epoll::Events::EPOLLIN, token),
+    )
+    .map_err(|source| Error::Os {
+        what: "adding a wake-up eventfd to a worker epoll set",
+        source,
+    })?;
+    Ok(epoll_fd)
 }
 
 const TOKEN_COMMAND: u64 = 0;
