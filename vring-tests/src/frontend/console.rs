@@ -364,7 +364,23 @@ impl ConsoleFrontend {
                 queue: index,
                 source,
             })?;
-            let (kick, call) = setup_ring(&mut fe, &sock, &opts, reply_ack, &mem, index, &driver)?;
+            let (kick, call) = super::setup_ring(
+                &mut fe,
+                &sock,
+                &mem,
+                &driver,
+                super::RingSetup {
+                    index,
+                    queue_size: opts.queue_size,
+                    reply_ack,
+                    // A fresh ring (§2.7.13, §2.8.21: both wrap counters 1 when packed).
+                    base: match driver.layout() {
+                        RingLayout::Split => 0,
+                        RingLayout::Packed => raw::PACKED_FRESH_BASE,
+                    },
+                    packed_base_16bit: false,
+                },
+            )?;
             rings.push(Ring {
                 index,
                 driver,
@@ -681,30 +697,6 @@ impl ConsoleFrontend {
         }
         Ok((bases[0], bases[1]))
     }
-}
-
-/// Configures ring `index` (SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, fresh call
-/// and kick eventfds) and returns (kick, call).
-fn setup_ring(
-    fe: &mut Frontend,
-    sock: &UnixStream,
-    opts: &ConsoleOptions,
-    reply_ack: bool,
-    mem: &GuestMemoryMmap,
-    index: u16,
-    driver: &DriverQueue,
-) -> Result<(EventFd, EventFd)> {
-    let qi = usize::from(index);
-    let step = |what: &str| format!("{what} (queue {index})");
-    fe.set_vring_num(qi, opts.queue_size)
-        .map_err(FrontendError::vhost(step("SET_VRING_NUM")))?;
-    match driver.layout() {
-        RingLayout::Split => fe
-            .set_vring_base(qi, 0)
-            .map_err(FrontendError::vhost(step("SET_VRING_BASE")))?,
-        RingLayout::Packed => raw::set_vring_base(sock, index, raw::PACKED_FRESH_BASE, reply_ack)?,
-    }
-    super::set_vring_addr_and_eventfds(fe, mem, index, opts.queue_size, driver)
 }
 
 #[cfg(test)]

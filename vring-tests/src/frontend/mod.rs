@@ -570,8 +570,8 @@ impl BlkFrontend {
         Ok(Some((area, file)))
     }
 
-    /// Configures ring `i` (SET_VRING_NUM, SET_VRING_BASE `base`, SET_VRING_ADDR, new
-    /// call and kick eventfds) and returns the eventfds.
+    /// Configures ring `i` with ring base `base` ([`setup_ring`]) and returns the
+    /// eventfds.
     #[allow(clippy::too_many_arguments)]
     fn setup_ring(
         fe: &mut Frontend,
@@ -583,26 +583,19 @@ impl BlkFrontend {
         driver: &DriverQueue,
         base: u32,
     ) -> Result<(EventFd, EventFd)> {
-        let qi = usize::from(i);
-        let step = |what: &str| format!("{what} (queue {i})");
-        fe.set_vring_num(qi, opts.queue_size)
-            .map_err(FrontendError::vhost(step("SET_VRING_NUM")))?;
-        match driver.layout() {
-            RingLayout::Split => fe
-                .set_vring_base(qi, u16::try_from(base).unwrap_or(0))
-                .map_err(FrontendError::vhost(step("SET_VRING_BASE")))?,
-            // QEMU sends both halves with their wrap counters (the `vhost` crate's
-            // set_vring_base takes 16 bits only); DPDK the avail half only.
-            RingLayout::Packed => {
-                let sent = if opts.packed_base_16bit {
-                    base & 0xffff
-                } else {
-                    base
-                };
-                raw::set_vring_base(sock, i, sent, reply_ack)?
-            }
-        }
-        set_vring_addr_and_eventfds(fe, mem, i, opts.queue_size, driver)
+        setup_ring(
+            fe,
+            sock,
+            mem,
+            driver,
+            RingSetup {
+                index: i,
+                queue_size: opts.queue_size,
+                reply_ack,
+                base,
+                packed_base_16bit: opts.packed_base_16bit,
+            },
+        )
     }
 
     /// Connects again after the backend went away (a restarted backend listening on
@@ -963,6 +956,53 @@ pub(crate) fn negotiate_protocol(
 /// The end of every ring's set-up, common to the frontends: SET_VRING_ADDR (frontend
 /// virtual addresses of `driver`'s areas), then fresh nonblocking call and kick eventfds
 /// (SET_VRING_CALL, SET_VRING_KICK). Returns (kick, call).
+/// What [`setup_ring`] sends for one ring.
+pub(crate) struct RingSetup {
+    /// Queue index.
+    pub index: u16,
+    /// SET_VRING_NUM.
+    pub queue_size: u16,
+    /// REPLY_ACK negotiated (for the raw SET_VRING_BASE of a packed ring).
+    pub reply_ack: bool,
+    /// SET_VRING_BASE: the split avail index, or both packed halves with their wrap
+    /// counters.
+    pub base: u32,
+    /// Packed: send the avail half only, as DPDK's virtio_user does.
+    pub packed_base_16bit: bool,
+}
+
+/// Configures a ring (SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, fresh call and kick
+/// eventfds) and returns (kick, call).
+pub(crate) fn setup_ring(
+    fe: &mut Frontend,
+    sock: &UnixStream,
+    mem: &GuestMemoryMmap,
+    driver: &DriverQueue,
+    r: RingSetup,
+) -> Result<(EventFd, EventFd)> {
+    let i = r.index;
+    let qi = usize::from(i);
+    let step = |what: &str| format!("{what} (queue {i})");
+    fe.set_vring_num(qi, r.queue_size)
+        .map_err(FrontendError::vhost(step("SET_VRING_NUM")))?;
+    match driver.layout() {
+        RingLayout::Split => fe
+            .set_vring_base(qi, u16::try_from(r.base).unwrap_or(0))
+            .map_err(FrontendError::vhost(step("SET_VRING_BASE")))?,
+        // QEMU sends both halves with their wrap counters (the `vhost` crate's
+        // set_vring_base takes 16 bits only); DPDK the avail half only.
+        RingLayout::Packed => {
+            let sent = if r.packed_base_16bit {
+                r.base & 0xffff
+            } else {
+                r.base
+            };
+            raw::set_vring_base(sock, i, sent, r.reply_ack)?
+        }
+    }
+    set_vring_addr_and_eventfds(fe, mem, i, r.queue_size, driver)
+}
+
 pub(crate) fn set_vring_addr_and_eventfds(
     fe: &mut Frontend,
     mem: &GuestMemoryMmap,
