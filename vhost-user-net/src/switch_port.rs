@@ -105,7 +105,8 @@ const MAX_MERGED_CHAINS: usize = 256;
 /// headers and a small frame.
 const PREFETCH_LEN: usize = 128;
 
-/// Used elements of delivered frames gathered before they are published.
+/// Frames delivered in one batch: their receive chains are popped first, then the frames
+/// are copied, then their used elements are published together.
 const RX_BATCH: usize = 64;
 
 /// Length of an Ethernet header.
@@ -395,6 +396,45 @@ impl Consumer {
             // The borrow ends before `pop` frees the slot (it takes `&mut self`).
             return Some(self.queue.slot_data(pos, len));
         }
+    }
+
+    /// The `i`-th queued frame counting from the oldest (0 is [`Self::front`]'s), left in
+    /// the queue; an empty slot (a frame its producer refused) reads as an empty frame.
+    /// `None` if fewer than `i + 1` frames are published. Frames stay valid, and several
+    /// may be borrowed at once, until [`Self::pop_n`] frees them: a batch is planned over
+    /// all of its frames before any is copied out.
+    pub fn peek(&self, i: usize) -> Option<&[u8]> {
+        let q = &*self.queue;
+        if i > q.mask {
+            return None;
+        }
+        let pos = q.head.load(Ordering::Relaxed).wrapping_add(i);
+        let slot = q.slot(pos);
+        if slot.seq.load(Ordering::Acquire) != pos.wrapping_add(1) {
+            return None;
+        }
+        // SAFETY: the slot was published (acquire above) and only this consumer reads it
+        // until `pop_n` frees it.
+        let len = unsafe { *slot.len.get() };
+        Some(q.slot_data(pos, len))
+    }
+
+    /// Frees the `n` oldest slots (after [`Self::peek`] returned them); stops early at a
+    /// slot that is not published.
+    pub fn pop_n(&mut self, n: usize) {
+        let q = &*self.queue;
+        let mut pos = q.head.load(Ordering::Relaxed);
+        for _ in 0..n {
+            let slot = q.slot(pos);
+            if slot.seq.load(Ordering::Acquire) != pos.wrapping_add(1) {
+                break;
+            }
+            slot.seq
+                .store(pos.wrapping_add(q.mask + 1), Ordering::Release);
+            pos = pos.wrapping_add(1);
+        }
+        self.head_ready = false;
+        q.head.store(pos, Ordering::Relaxed);
     }
 
     /// Frees the oldest slot (after [`Self::front`] returned a frame).
@@ -823,14 +863,6 @@ struct RxState {
     lens: Vec<u32>,
 }
 
-/// What became of the frame at the front of the queue.
-enum Delivery {
-    /// Delivered or dropped: pop it.
-    Done,
-    /// No receive buffer: keep it.
-    NoBuffers,
-}
-
 /// The handler of a switch port's queue pair (receiveq 0, transmitq 1).
 pub struct SwitchQueues {
     hub: Arc<SwitchHub>,
@@ -878,8 +910,10 @@ impl SwitchQueues {
             .ok_or_else(|| {
                 DeviceError::Other(format!("switch port {port}: its queue is still in use"))
             })?;
-        let mut rx_chains = Vec::with_capacity(MAX_MERGED_CHAINS);
-        rx_chains.resize_with(MAX_MERGED_CHAINS, DescriptorChain::new);
+        // A batch of RX_BATCH frames, and at least one frame spanning MAX_MERGED_CHAINS.
+        let rx_chain_count = RX_BATCH + MAX_MERGED_CHAINS;
+        let mut rx_chains = Vec::with_capacity(rx_chain_count);
+        rx_chains.resize_with(rx_chain_count, DescriptorChain::new);
         let mut tx_chains = Vec::with_capacity(TX_BATCH);
         tx_chains.resize_with(TX_BATCH, DescriptorChain::new);
         let ports = hub.port_count();
@@ -895,10 +929,10 @@ impl SwitchQueues {
             rx_state: RxState {
                 chains: rx_chains,
                 held: 0,
-                // A batch of RX_BATCH frames may end with one spanning MAX_MERGED_CHAINS.
-                used: Vec::with_capacity(RX_BATCH + MAX_MERGED_CHAINS),
+                // One element per chain of a batch.
+                used: Vec::with_capacity(rx_chain_count),
                 delivered: 0,
-                lens: vec![0; MAX_MERGED_CHAINS],
+                lens: vec![0; rx_chain_count],
             },
             tx_chains,
             heads: vec![[0; ETH_HLEN]; TX_BATCH],
@@ -1134,55 +1168,49 @@ impl SwitchQueues {
             return Ok(());
         }
         loop {
-            // Used elements, not frames: one more frame adds at most MAX_MERGED_CHAINS, so
-            // `used` never outgrows its capacity.
-            if self.rx_state.used.len() >= RX_BATCH {
-                self.flush_rx(ctx, rx)?;
-            }
-            let Some(frame) = self.consumer.front() else {
-                self.flush_rx(ctx, rx)?;
-                if !self.rx_poll.is_zero() {
-                    // Busy polling: come back next worker round (other queues and events
-                    // are served in between) until the window since the queue ran empty
-                    // is over.
-                    let now = Instant::now();
-                    let since = *self.rx_idle_since.get_or_insert(now);
-                    if now.saturating_duration_since(since) < self.rx_poll {
-                        ctx.schedule(rx);
-                        return Ok(());
-                    }
-                }
-                if self.consumer.prepare_to_sleep() {
-                    // The next producer to queue a frame signals the eventfd.
-                    return Ok(());
-                }
-                continue;
-            };
             let counters = self.hub.ports.get(self.port).map(|p| &p.counters);
-            match deliver(
+            let batch = deliver_batch(
                 ctx,
                 rx,
                 &mut self.rx_state,
-                frame,
+                &mut self.consumer,
                 self.hdr_len,
                 self.mrg_rxbuf,
                 counters,
-            )? {
-                Delivery::Done => {
-                    self.consumer.pop();
-                    self.rx_idle_since = None;
-                    self.set_rx_stalled(false);
+            )?;
+            if batch.frames > 0 {
+                // The driver may be waiting for these before it posts more; their slots
+                // are free for the senders.
+                self.flush_rx(ctx, rx)?;
+                self.rx_idle_since = None;
+                self.set_rx_stalled(false);
+            }
+            if batch.out_of_buffers {
+                if !ctx.wait_for_buffers(rx)? {
+                    // The next kick of the receive queue calls process(rx); until then
+                    // senders drop frames for this port instead of waiting.
+                    self.set_rx_stalled(true);
+                    return Ok(());
                 }
-                Delivery::NoBuffers => {
-                    // The driver may be waiting for these before it posts more.
-                    self.flush_rx(ctx, rx)?;
-                    if !ctx.wait_for_buffers(rx)? {
-                        // The next kick of the receive queue calls process(rx); until
-                        // then senders drop frames for this port instead of waiting.
-                        self.set_rx_stalled(true);
-                        return Ok(());
-                    }
+                continue;
+            }
+            if batch.frames > 0 {
+                continue;
+            }
+            // The queue is empty.
+            if !self.rx_poll.is_zero() {
+                // Busy polling: come back next worker round (other queues and events are
+                // served in between) until the window since the queue ran empty is over.
+                let now = Instant::now();
+                let since = *self.rx_idle_since.get_or_insert(now);
+                if now.saturating_duration_since(since) < self.rx_poll {
+                    ctx.schedule(rx);
+                    return Ok(());
                 }
+            }
+            if self.consumer.prepare_to_sleep() {
+                // The next producer to queue a frame signals the eventfd.
+                return Ok(());
             }
         }
     }
@@ -1337,63 +1365,132 @@ fn mark(touched: &mut [bool], p: usize) {
     }
 }
 
-/// Delivers `frame` behind a plain vnet header into receive chains (§5.1.6.4).
-fn deliver(
+/// What one [`deliver_batch`] did.
+struct RxBatch {
+    /// Frames taken off the queue (delivered, or dropped and counted).
+    frames: usize,
+    /// It stopped because the ring had no receive buffer for the next frame.
+    out_of_buffers: bool,
+}
+
+/// Where a planned frame goes: `count` receive chains from `first` (0: dropped).
+#[derive(Clone, Copy, Default)]
+struct Placement {
+    first: usize,
+    count: usize,
+}
+
+/// Delivers up to [`RX_BATCH`] queued frames behind a plain vnet header into receive
+/// chains (§5.1.6.4), in two passes: first every frame of the batch gets its chains
+/// (descriptor reads only), then all the frames are copied, back to back. Interleaving
+/// the two made each frame's stores into the guest's buffers (lines the driver's CPU
+/// holds) wait behind the next frame's ring walk; in one run the copies' cache misses
+/// overlap. The used elements are left in `st.used` for the caller to publish.
+fn deliver_batch(
     ctx: &mut GroupContext<'_>,
     rx: u16,
     st: &mut RxState,
-    frame: &[u8],
+    consumer: &mut Consumer,
     hdr_len: usize,
     mrg_rxbuf: bool,
     counters: Option<&PortCounters>,
-) -> Result<Delivery, DeviceError> {
+) -> Result<RxBatch, DeviceError> {
     let Some(vring) = ctx.vring(rx) else {
-        return Ok(Delivery::NoBuffers);
+        return Ok(RxBatch {
+            frames: 0,
+            out_of_buffers: true,
+        });
     };
-    let len = hdr_len + frame.len();
-    let want_chains = if mrg_rxbuf { MAX_MERGED_CHAINS } else { 1 };
-    let needed = loop {
-        if let Some(n) = merged_chains_needed(&st.chains[..st.held], len) {
-            break n;
-        }
-        if st.held >= want_chains {
-            // Without MRG_RXBUF a frame takes exactly one chain (§5.1.6.3.1): one that
-            // does not fit is dropped, the chain kept for the next frame.
-            if let Some(c) = counters {
-                bump(&c.drop_too_big);
-            }
-            return Ok(Delivery::Done);
-        }
-        let Some(slot) = st.chains.get_mut(st.held) else {
-            return Ok(Delivery::Done);
+    // Without MRG_RXBUF a frame takes exactly one chain (§5.1.6.3.1).
+    let most_chains = if mrg_rxbuf { MAX_MERGED_CHAINS } else { 1 };
+    let mut frames: [&[u8]; RX_BATCH] = [&[]; RX_BATCH];
+    let mut placements = [Placement::default(); RX_BATCH];
+    // Chains `..assigned` of `st.chains` belong to the frames planned so far.
+    let mut assigned = 0usize;
+    let mut planned = 0usize;
+    let mut out_of_buffers = false;
+    'plan: while planned < RX_BATCH {
+        let Some(frame) = consumer.peek(planned) else {
+            break;
         };
-        if !vring.pop_into(slot)? {
-            return Ok(Delivery::NoBuffers);
+        let len = hdr_len + frame.len();
+        let count = loop {
+            let spare = st.chains.get(assigned..st.held).unwrap_or(&[]);
+            if let Some(n) = merged_chains_needed(spare, len) {
+                break n;
+            }
+            if spare.len() >= most_chains {
+                // It does not fit in as many chains as it may take: dropped, the chains
+                // kept for the next frame.
+                if let Some(c) = counters {
+                    bump(&c.drop_too_big);
+                }
+                break 0;
+            }
+            let Some(chain) = st.chains.get_mut(st.held) else {
+                // The batch holds as many chains as it can: the frame waits for the next.
+                break 'plan;
+            };
+            if !vring.pop_into(chain)? {
+                out_of_buffers = true;
+                break 'plan;
+            }
+            // The frame is copied in after the whole batch is planned: take its lines
+            // from the driver's CPU now.
+            chain.prefetch_writable(len.min(PREFETCH_LEN));
+            st.held += 1;
+        };
+        if let (Some(f), Some(p)) = (frames.get_mut(planned), placements.get_mut(planned)) {
+            *f = frame;
+            *p = Placement {
+                first: assigned,
+                count,
+            };
         }
-        st.held += 1;
-    };
-    let mut hdr = [0u8; VNET_HDR_LEN];
-    if hdr_len == VNET_HDR_LEN {
-        set_num_buffers(&mut hdr, u16::try_from(needed).unwrap_or(u16::MAX));
+        assigned += count;
+        planned += 1;
     }
-    let hdr = hdr.get(..hdr_len).unwrap_or(&[]);
-    let Some(n) = write_merged(&st.chains[..needed], &[hdr, frame], &mut st.lens) else {
-        if let Some(c) = counters {
-            bump(&c.drop_too_big);
+    for (frame, p) in frames.iter().zip(&placements).take(planned) {
+        if p.count == 0 {
+            continue;
         }
-        return Ok(Delivery::Done);
-    };
-    // Published by the caller with the rest of its batch (`flush_rx`).
-    for (c, &l) in st.chains.iter().zip(&st.lens).take(n) {
-        st.used.push((c.id(), l));
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        if hdr_len == VNET_HDR_LEN {
+            set_num_buffers(&mut hdr, u16::try_from(p.count).unwrap_or(u16::MAX));
+        }
+        let hdr = hdr.get(..hdr_len).unwrap_or(&[]);
+        let end = p.first + p.count;
+        let (Some(chains), Some(lens)) =
+            (st.chains.get(p.first..end), st.lens.get_mut(p.first..end))
+        else {
+            continue;
+        };
+        match write_merged(chains, &[hdr, frame], lens) {
+            Some(n) => {
+                for (c, &l) in chains.iter().zip(lens.iter()).take(n) {
+                    st.used.push((c.id(), l));
+                }
+                st.delivered += 1;
+            }
+            None => {
+                if let Some(c) = counters {
+                    bump(&c.drop_too_big);
+                }
+            }
+        }
     }
-    st.delivered += 1;
-    if n < st.held {
+    consumer.pop_n(planned);
+    if assigned > 0 {
         // Chains popped but not needed stay for the next frame, in ring order.
-        st.chains[..st.held].rotate_left(n);
+        if assigned < st.held {
+            st.chains[..st.held].rotate_left(assigned);
+        }
+        st.held -= assigned;
     }
-    st.held -= n;
-    Ok(Delivery::Done)
+    Ok(RxBatch {
+        frames: planned,
+        out_of_buffers,
+    })
 }
 
 impl QueueHandler for SwitchQueues {

@@ -124,7 +124,20 @@ impl DescriptorChain {
     /// other. Only a hint: nothing is read, no fault can happen (on architectures without
     /// a prefetch instruction it does nothing).
     pub fn prefetch_readable(&self, len: usize) {
-        prefetch_iovecs(self.readable_iovecs(), len);
+        prefetch_iovecs(self.readable_iovecs(), len, prefetch_line);
+    }
+
+    /// Hints the CPU to take the first `len` bytes of the device-writable buffers into
+    /// its caches for writing (x86 PREFETCHW: the line is fetched exclusive, so the other
+    /// CPUs' copies are invalidated now rather than when the device's stores reach it),
+    /// and returns at once.
+    ///
+    /// A device that pops a batch of receive chains and then copies a frame into each
+    /// calls this as it pops them: the driver's CPU last touched those lines, and the
+    /// ownership transfers overlap instead of holding up the copies one after the other.
+    /// Only a hint: nothing is written, no fault can happen.
+    pub fn prefetch_writable(&self, len: usize) {
+        prefetch_iovecs(self.writable_iovecs(), len, prefetch_line_for_write);
     }
 
     /// The guest memory the iovecs point into; holding it keeps them valid.
@@ -316,7 +329,8 @@ impl DescriptorChain {
 }
 
 /// Issues a prefetch for every cache line of the first `len` bytes of `iovecs`.
-fn prefetch_iovecs(iovecs: &[libc::iovec], len: usize) {
+#[inline(always)]
+fn prefetch_iovecs(iovecs: &[libc::iovec], len: usize, prefetch: fn(*const u8)) {
     const LINE: usize = 64;
     let mut left = len;
     for iov in iovecs {
@@ -327,7 +341,7 @@ fn prefetch_iovecs(iovecs: &[libc::iovec], len: usize) {
         let base = iov.iov_base.cast::<u8>().cast_const();
         let mut off = 0;
         while off < n {
-            prefetch_line(base.wrapping_add(off));
+            prefetch(base.wrapping_add(off));
             off += LINE;
         }
         left -= n;
@@ -348,6 +362,20 @@ fn prefetch_line(p: *const u8) {
 #[cfg(not(target_arch = "x86_64"))]
 #[inline(always)]
 fn prefetch_line(_p: *const u8) {}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_line_for_write(p: *const u8) {
+    // SAFETY: as in `prefetch_line`: a hint that never faults. `_MM_HINT_ET0` emits
+    // PREFETCHW, which CPUs without it execute as a no-op (it is in the NOP space).
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(p.cast::<i8>());
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+fn prefetch_line_for_write(_p: *const u8) {}
 
 /// Appends to `out` the sub-range `offset..offset + len` of `iovs`; returns bytes covered.
 pub fn sub_iovecs(
