@@ -10,6 +10,9 @@
 #     its shared libraries and the dynamic loader, into the guest initramfs);
 #   * user-mode-linux: Linux as a program (/usr/bin/linux.uml, modules in
 #     /usr/lib/uml/modules/<ver>/), a vhost-user frontend through virtio_uml;
+#   * gcc (and libc6-dev): the harness builds a small LD_PRELOAD shim that
+#     UML 6.1 needs on hosts with AVX-512/AMX XSAVE areas
+#     (vring-tests/src/e2e/uml_xstate_shim.c says why);
 #   * DPDK testpmd as a vhost-user frontend (net_virtio_user) and backend
 #     (net_vhost): dpdk-dev ships /usr/bin/dpdk-testpmd on bookworm (the
 #     `dpdk` package has only the python helper scripts); its PMDs are
@@ -57,7 +60,7 @@ if [ "${VERSION_CODENAME:-}" != "bookworm" ]; then
 fi
 
 BACKPORTS_PKGS=(qemu-system-x86 qemu-utils)
-PLAIN_PKGS=(busybox-static cpio user-mode-linux iproute2 xz-utils iperf3
+PLAIN_PKGS=(busybox-static cpio user-mode-linux gcc libc6-dev iproute2 xz-utils iperf3
     dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23)
 MIN_QEMU_DEB_VERSION="1:10"
 
@@ -135,7 +138,7 @@ fi
 
 # --- 4. sanity-check the tools ----------------------------------------------
 for b in /usr/bin/qemu-system-x86_64 /usr/bin/qemu-storage-daemon /usr/bin/qemu-img /bin/busybox /usr/bin/cpio \
-    /usr/bin/linux.uml /usr/bin/dpdk-testpmd /usr/bin/stdbuf /usr/bin/iperf3; do
+    /usr/bin/linux.uml /usr/bin/cc /usr/bin/dpdk-testpmd /usr/bin/stdbuf /usr/bin/iperf3; do
     [ -x "$b" ] || die "$b missing after installation"
 done
 for pmd in librte_net_vhost librte_net_virtio librte_mempool_ring; do

@@ -263,6 +263,7 @@ impl UmlVm {
         let mut cmd = Command::new(prog);
         cmd.args(rest)
             .env("TMPDIR", dir.path())
+            .env("LD_PRELOAD", xstate_shim()?)
             .current_dir(dir.path());
         RunningVm::spawn(cmd, &argv, VmKind::Uml, self.echo, self.timeout, Some(dir))
     }
@@ -272,6 +273,78 @@ impl UmlVm {
     pub fn run(self) -> Result<VmOutput> {
         self.spawn()?.wait()
     }
+}
+
+/// Source of the `LD_PRELOAD` shim that lets UML 6.1 restore FPU state on
+/// hosts with a larger XSAVE area than it knows (AVX-512, AMX); the file says
+/// why and how.
+const XSTATE_SHIM_SOURCE: &str = include_str!("uml_xstate_shim.c");
+
+/// The shim built from [`XSTATE_SHIM_SOURCE`] with the host's C compiler
+/// (`$CC`, else `cc`), cached as `<cache>/uml/xstate-<hash>.so` and built at
+/// most once per process. Every UML run preloads it: without it Debian's UML
+/// panics before `/init` on such hosts ("ptrace set fp regs failed, errno =
+/// 14"); where the host accepts UML's own buffer the shim only passes calls
+/// through.
+fn xstate_shim() -> Result<PathBuf> {
+    static SHIM: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    SHIM.get_or_init(|| build_xstate_shim().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(E2eError::Setup)
+}
+
+fn build_xstate_shim() -> Result<PathBuf> {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(XSTATE_SHIM_SOURCE.as_bytes());
+    let dir = super::cache_dir().join("uml");
+    let so = dir.join(format!("xstate-{:016x}.so", h.finish()));
+    if so.is_file() {
+        return Ok(so);
+    }
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| E2eError::io(format!("creating {}", dir.display()), e))?;
+    // Unique names per process so parallel test binaries never share a
+    // half-written file; the rename publishes the finished library.
+    let tmp_src = dir.join(format!(".xstate-{}.c", std::process::id()));
+    let tmp_so = dir.join(format!(".xstate-{}.so", std::process::id()));
+    std::fs::write(&tmp_src, XSTATE_SHIM_SOURCE)
+        .map_err(|e| E2eError::io(format!("writing {}", tmp_src.display()), e))?;
+    let cc = std::env::var_os("CC")
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "cc".into());
+    let out = Command::new(&cc)
+        .args(["-shared", "-fPIC", "-O2", "-Wall", "-o"])
+        .arg(&tmp_so)
+        .arg(&tmp_src)
+        .arg("-ldl")
+        .stdin(Stdio::null())
+        .output();
+    let _ = std::fs::remove_file(&tmp_src);
+    let out = out.map_err(|e| {
+        E2eError::io(
+            format!(
+                "running the C compiler `{}` for the UML xstate shim (install gcc)",
+                cc.to_string_lossy()
+            ),
+            e,
+        )
+    })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp_so);
+        return Err(E2eError::Setup(format!(
+            "building the UML xstate shim with `{}` failed ({}): {}",
+            cc.to_string_lossy(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    std::fs::rename(&tmp_so, &so).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp_so);
+        E2eError::io(format!("renaming the shim to {}", so.display()), e)
+    })?;
+    Ok(so)
 }
 
 /// `/dev/shm` if it is a writable, executable directory (UML maps its
